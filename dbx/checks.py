@@ -1,0 +1,85 @@
+"""Checks that need the plugin registry: plugin names and their params, and the plugin listing.
+
+Kept apart from ``dbx.spec`` (which never imports a plugin) so that the schema can be checked
+without importing anything heavy, and these checks can report against the spec's lines.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from dbx import registry
+from dbx.errors import UserError
+from dbx.spec import Problem, Spec, SpecError, load_spec
+
+#: Spec section -> plugin kind.
+SECTIONS = {"data": "dataset", "model": "model", "policy": "policy", "estimator": "estimator"}
+
+
+def plugin_problems(spec: Spec) -> list[Problem]:
+    """Every unknown plugin name and every param its factory's signature does not accept."""
+    problems: list[Problem] = []
+    for section, kind in SECTIONS.items():
+        ref = getattr(spec, section)
+        try:
+            registry.info(kind, ref.name)
+            found = registry.check_params(kind, ref.name, dict(ref.params))
+        except UserError as exc:
+            problems.append(Problem(spec.where((section, "name")), f"{section}.name", str(exc)))
+            continue
+        for path, message in found:
+            key = (section, "params", *path)
+            problems.append(Problem(spec.where(key), ".".join(key), message))
+    return problems
+
+
+def check_spec_file(path: str, overrides: Sequence[str] = ()) -> Spec:
+    """Load, validate and plugin-check a spec; raise one SpecError listing every problem."""
+    spec = load_spec(path, overrides)
+    problems = plugin_problems(spec)
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def plugin_table(*, check: bool, echo: Callable[[str], None]) -> int:
+    """Print each group's plugins; with ``check``, import each and report failures. Exit code."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(100, Console().width))
+    failures = 0
+    for kind, group in registry.GROUPS.items():
+        table = Table(title=f"{group}  (spec: {kind if kind != 'dataset' else 'data'}.name)", title_justify="left")
+        for column in ("name", "provided by", "version", "target") + (("status",) if check else ()):
+            table.add_column(column)
+        for message in registry.conflicts(kind):
+            failures += 1
+            echo(f"error: {message}")
+        found, _ = registry._scan(group)  # listing still shows names that are in conflict
+        for name, info in sorted(found.items()):
+            row = [name, info.distribution, info.version, info.target]
+            if check:
+                row.append(_load_status(kind, name))
+                failures += row[-1] != "ok"
+            table.add_row(*row)
+        console.print(table)
+    if check:
+        echo(f"{failures} problem(s)" if failures else "all plugins load")
+    return 1 if failures else 0
+
+
+def _load_status(kind: str, name: str) -> str:
+    try:
+        registry.load(kind, name)
+    except UserError as exc:
+        return f"FAILED: {exc}"
+    return "ok"
+
+
+def describe_plugins(spec: Spec) -> dict[str, Any]:
+    """Tag values naming the distribution and version behind each plugin a run uses."""
+    out = {}
+    for section, kind in SECTIONS.items():
+        info = registry.info(kind, getattr(spec, section).name)
+        out[kind] = f"{info.name} ({info.distribution} {info.version})"
+    return out

@@ -1,0 +1,263 @@
+"""The training loop: one function, ``fit``, that reads top to bottom.
+
+Per step: draw a logical batch of the current size B, split it into micro-batches of at most
+``max_micro_batch`` (gradients accumulate, so the update is the one of the whole batch),
+forward/backward (the estimator's hooks are attached only in measuring epochs), optimizer step.
+Per epoch: the estimator's diversity (measuring epochs only), evaluation on the test split, the
+policy's next batch size, the lr rescale when B changes, one log line and one batch of metrics.
+
+The loop never imports mlflow: it hands each epoch's metrics to ``tracker.log_epoch``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+from dbx.errors import RunFailed
+from dbx.protocols import DiversityEstimate, EpochState
+from dbx.train.lr import rescale_factor, scheduled_lr
+from dbx.train.parts import Parts
+from dbx.train.progress import EpochProgress
+
+
+class Tracker(Protocol):
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+
+@dataclass
+class RunState:
+    """Everything the loop carries from one epoch to the next (what a checkpoint must hold)."""
+
+    epoch: int = 0  # epochs completed
+    batch_size: int = 0
+    lr_rescale: float = 1.0
+    samples_seen: int = 0
+    optimizer_steps: int = 0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Summary:
+    """The numbers a run ends with (logged as summary metrics and summary.json)."""
+
+    epochs: int
+    final_batch_size: int
+    train_seconds: float
+    eval_seconds: float
+    final_test_loss: float
+    final_test_accuracy: float | None = None
+    best_test_accuracy: float | None = None
+    epochs_to_target: int | None = None
+    seconds_to_target: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def metrics(self) -> dict[str, float]:
+        """The summary values that are numbers (None, e.g. a target never reached, is left out)."""
+        return {k: float(v) for k, v in asdict(self).items() if v is not None}
+
+
+def fit(spec: Any, parts: Parts, tracker: Tracker, *, say: Callable[[str], None] = print,
+        state: RunState | None = None) -> Summary:
+    """Train ``parts.model`` for ``spec.epochs`` epochs with the policy's batch sizes."""
+    model, optimizer, policy, estimator = parts.model, parts.optimizer, parts.policy, parts.estimator
+    loader = parts.train_loader
+    state = state or RunState(batch_size=policy.initial_batch_size())
+    loader.set_batch_size(state.batch_size)
+    wall_start = time.perf_counter() - state.train_seconds - state.eval_seconds
+    say(_batch_line(spec, state.batch_size, _lr_for(spec, state, state.epoch + 1), "start"))
+
+    for epoch in range(state.epoch + 1, spec.epochs + 1):
+        lr = _lr_for(spec, state, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        measuring = estimator is not None and policy.measures_in(epoch)
+
+        # --- train one epoch (the estimator watches it only when the policy asked) ---------
+        started = time.perf_counter()
+        if measuring:
+            estimator.attach(model)
+        with EpochProgress(f"epoch {epoch}/{spec.epochs}", total=len(loader)) as progress:
+            train_loss, train_acc, seen, steps = train_one_epoch(
+                parts, spec.max_micro_batch, estimator if measuring else None, progress.advance)
+        diversity: DiversityEstimate | None = None
+        if measuring:
+            try:
+                diversity = estimator.estimate(model, parts.loss_fn, parts.data.train)
+            finally:
+                estimator.detach()
+        _synchronize(parts.device)
+        epoch_seconds = time.perf_counter() - started
+        if not math.isfinite(train_loss):
+            raise RunFailed(
+                f"training diverged in epoch {epoch}: the training loss is {train_loss} "
+                f"(lr {lr:g}, batch size {state.batch_size}). Lower optimizer.lr or use lr_scaling: sqrt.",
+                reason="nonfinite_loss", epoch=epoch, step=state.optimizer_steps + steps)
+
+        # --- evaluate ---------------------------------------------------------------------
+        started = time.perf_counter()
+        test_loss, test_acc = evaluate(parts)
+        eval_seconds = time.perf_counter() - started
+
+        state.epoch = epoch
+        state.samples_seen += seen
+        state.optimizer_steps += steps
+        state.train_seconds += epoch_seconds
+        state.eval_seconds += eval_seconds
+        metrics = {
+            "train_loss": train_loss, "test_loss": test_loss,
+            "batch_size": float(state.batch_size), "lr": lr,
+            "epoch_seconds": epoch_seconds, "eval_seconds": eval_seconds,
+            "train_seconds": state.train_seconds,
+            "wall_seconds": time.perf_counter() - wall_start,
+            "samples_seen": float(state.samples_seen), "optimizer_steps": float(state.optimizer_steps),
+        }
+        if train_acc is not None:
+            metrics["train_accuracy"] = train_acc
+            metrics["test_accuracy"] = test_acc
+        if diversity is not None:
+            metrics["diversity"] = diversity.value
+            metrics["estimator_seconds"] = diversity.seconds
+            metrics.update({f"diversity/{layer}": v for layer, v in diversity.per_layer.items()})
+
+        # --- the batch-size decision: the one place where B and the lr rescale change -------
+        epoch_state = EpochState(
+            epoch=epoch, epochs=spec.epochs, step=state.optimizer_steps, batch_size=state.batch_size,
+            lr=lr, samples_seen=state.samples_seen, dataset_size=loader.num_samples,
+            train_loss=train_loss, test_loss=test_loss, train_accuracy=train_acc, test_accuracy=test_acc)
+        new_batch = _checked_batch_size(policy.next_batch_size(epoch_state, diversity), spec.policy.name)
+        state.history.append({"epoch": epoch, **metrics})
+        tracker.log_epoch(epoch, metrics)
+        say(_epoch_line(spec, metrics, epoch))
+        if new_batch != state.batch_size:
+            factor = rescale_factor(spec.lr_scaling, state.batch_size, new_batch)
+            if hasattr(policy, "lr_factor"):
+                factor *= policy.lr_factor(state.batch_size, new_batch)
+            state.lr_rescale *= factor
+            state.batch_size = new_batch
+            loader.set_batch_size(new_batch)
+            if epoch < spec.epochs:
+                say(_batch_line(spec, new_batch, _lr_for(spec, state, epoch + 1), f"after epoch {epoch}"))
+
+    return summarize(spec, state)
+
+
+def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any,
+                    on_step: Callable[[], None]) -> tuple[float, float | None, int, int]:
+    """One pass over the training data. Returns mean loss, accuracy (None for regression), samples, steps.
+
+    Losses and correct counts are summed on the device and read once at the end, so the step
+    never waits for the device.
+    """
+    model, optimizer, loss_fn = parts.model, parts.optimizer, parts.loss_fn
+    model.train()
+    loss_sum = torch.zeros((), device=parts.device)
+    correct = torch.zeros((), device=parts.device, dtype=torch.long)
+    seen = steps = 0
+    for inputs, targets in parts.train_loader:
+        batch = inputs.shape[0]
+        loss_scale = 1.0 / batch  # the step's loss is the mean over the logical batch
+        if max_micro_batch and batch > max_micro_batch:
+            chunks = zip(inputs.split(max_micro_batch), targets.split(max_micro_batch))
+        else:
+            chunks = ((inputs, targets),)
+        for x, y in chunks:
+            outputs = model(x)
+            loss = loss_fn(outputs, y, reduction="sum")
+            (loss * loss_scale).backward()
+            if estimator is not None:
+                estimator.on_backward(loss_scale)
+            loss_sum += loss.detach()
+            if parts.classification:
+                correct += (outputs.detach().argmax(dim=1) == y).sum()
+        if estimator is not None:
+            estimator.on_step(loss_scale)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seen += batch
+        steps += 1
+        on_step()
+    accuracy = correct.item() / seen if parts.classification else None
+    return loss_sum.item() / seen, accuracy, seen, steps
+
+
+@torch.no_grad()
+def evaluate(parts: Parts) -> tuple[float, float | None]:
+    """Mean loss and accuracy on the test split, in eval mode."""
+    model, loss_fn = parts.model, parts.loss_fn
+    model.eval()
+    loss_sum = torch.zeros((), device=parts.device)
+    correct = torch.zeros((), device=parts.device, dtype=torch.long)
+    count = 0
+    for inputs, targets in parts.test_loader:
+        outputs = model(inputs)
+        loss_sum += loss_fn(outputs, targets, reduction="sum")
+        if parts.classification:
+            correct += (outputs.argmax(dim=1) == targets).sum()
+        count += inputs.shape[0]
+    accuracy = correct.item() / count if parts.classification else None
+    return loss_sum.item() / count, accuracy
+
+
+def summarize(spec: Any, state: RunState) -> Summary:
+    """Final and best accuracy, and when the target accuracy was first reached (training time)."""
+    last = state.history[-1]
+    summary = Summary(
+        epochs=state.epoch, final_batch_size=state.batch_size, train_seconds=state.train_seconds,
+        eval_seconds=state.eval_seconds, final_test_loss=last["test_loss"])
+    accuracies = [h["test_accuracy"] for h in state.history if "test_accuracy" in h]
+    if accuracies:
+        summary.final_test_accuracy = accuracies[-1]
+        summary.best_test_accuracy = max(accuracies)
+    if spec.target_accuracy is not None and accuracies:
+        for h in state.history:
+            if h["test_accuracy"] >= spec.target_accuracy:
+                summary.epochs_to_target = int(h["epoch"])
+                summary.seconds_to_target = h["train_seconds"]
+                break
+    return summary
+
+
+def _lr_for(spec: Any, state: RunState, epoch: int) -> float:
+    epoch = min(epoch, spec.epochs)
+    return scheduled_lr(spec.schedule, spec.optimizer.lr, epoch, spec.epochs) * state.lr_rescale
+
+
+def _checked_batch_size(value: Any, policy_name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise RunFailed(f"policy {policy_name!r} returned batch size {value!r}; a policy must return a positive int",
+                        reason="bad_policy_output")
+    return value
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batch_line(spec: Any, batch_size: int, lr: float, when: str) -> str:
+    micro = spec.max_micro_batch
+    chunks = -(-batch_size // micro) if micro else 1
+    accumulation = f", {chunks} micro-batches of <= {micro}" if chunks > 1 else ""
+    return f"[{when}] batch size {batch_size}{accumulation}, lr {lr:.4g}"
+
+
+def _epoch_line(spec: Any, m: dict[str, float], epoch: int) -> str:
+    parts = [f"epoch {epoch:>{len(str(spec.epochs))}}/{spec.epochs}", f"B {int(m['batch_size'])}",
+             f"lr {m['lr']:.3g}", f"train loss {m['train_loss']:.4f}"]
+    if "train_accuracy" in m:
+        parts.append(f"acc {m['train_accuracy']:.4f}")
+    parts.append(f"test loss {m['test_loss']:.4f}")
+    if "test_accuracy" in m:
+        parts.append(f"acc {m['test_accuracy']:.4f}")
+    if "diversity" in m:
+        parts.append(f"diversity {m['diversity']:.4g}")
+    parts.append(f"{m['epoch_seconds']:.2f}s")
+    return "  ".join(parts)

@@ -1,0 +1,65 @@
+"""Build what a run trains from its spec: data, model, optimizer, policy, estimator, loaders.
+
+Every named part comes from the plugin registry, so a third-party dataset, model, policy or
+estimator is built exactly like a built-in one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from dbx import registry
+from dbx.data import resolve_root, take_subset
+from dbx.data.loader import make_loader
+from dbx.errors import UserError
+from dbx.protocols import DataSplits
+
+
+@dataclass
+class Parts:
+    data: DataSplits
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    policy: Any
+    estimator: Any
+    train_loader: Any
+    test_loader: Any
+    loss_fn: Callable[..., torch.Tensor]
+    classification: bool
+    device: torch.device
+
+
+def build_parts(spec: Any, device: torch.device) -> Parts:
+    """Construct every part of a run on ``device``, seeded by ``spec.seed``."""
+    torch.manual_seed(spec.seed)
+    data = registry.build("dataset", spec.data.name, spec.data.params,
+                          root=resolve_root(spec.data.root), seed=spec.seed)
+    if not isinstance(data, DataSplits):
+        raise UserError(f"dataset {spec.data.name!r} returned {type(data).__name__}, not dbx.protocols.DataSplits")
+    if spec.data.subset:
+        data = take_subset(data, spec.data.subset, spec.seed)
+    model = registry.build("model", spec.model.name, spec.model.params,
+                           num_classes=data.num_classes, input_shape=tuple(data.input_shape)).to(device)
+    train_loader = make_loader(data.train, batch_size=1, shuffle=True, device=device, seed=spec.seed,
+                               augment=data.augment)
+    policy = registry.build("policy", spec.policy.name, spec.policy.params,
+                            dataset_size=train_loader.num_samples, seed=spec.seed)
+    estimator = None
+    if policy.uses_diversity:
+        estimator = registry.build("estimator", spec.estimator.name, spec.estimator.params, seed=spec.seed)
+    train_loader.set_batch_size(policy.initial_batch_size())
+    if estimator is not None:  # an unsupported layer is the user's to fix: say so before any run starts
+        estimator.attach(model)
+        estimator.detach()
+    test_loader = make_loader(data.test, batch_size=spec.eval_batch_size, shuffle=False, device=device,
+                              seed=spec.seed)
+    opt = spec.optimizer
+    optimizer = torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum,
+                                weight_decay=opt.weight_decay, nesterov=opt.nesterov)
+    classification = data.num_classes is not None
+    loss_fn = F.cross_entropy if classification else F.mse_loss
+    return Parts(data, model, optimizer, policy, estimator, train_loader, test_loader, loss_fn,
+                 classification, device)
