@@ -17,28 +17,53 @@ SECTIONS = {"data": "dataset", "model": "model", "policy": "policy", "estimator"
 
 def plugin_problems(spec: Spec) -> list[Problem]:
     """Every unknown plugin name and every param its factory's signature does not accept."""
+    return _plugin_problems(spec.to_dict(), spec.where)
+
+
+def _plugin_problems(data: dict[str, Any], where: Callable[[tuple[str, ...]], str]) -> list[Problem]:
+    """The same checks on a spec as read, so they also run when the schema has other problems."""
     problems: list[Problem] = []
     for section, kind in SECTIONS.items():
-        ref = getattr(spec, section)
+        ref = data.get(section)
+        if section == "estimator" and ref is None:
+            ref = {"name": "exact"}
+        if not isinstance(ref, dict) or not isinstance(ref.get("name"), str):
+            continue  # the schema check reports a missing or malformed section
+        params = ref.get("params") or {}
         try:
-            registry.info(kind, ref.name)
-            found = registry.check_params(kind, ref.name, dict(ref.params))
+            registry.info(kind, ref["name"])
+            found = registry.check_params(kind, ref["name"], dict(params)) if isinstance(params, dict) else []
         except UserError as exc:
-            problems.append(Problem(spec.where((section, "name")), f"{section}.name", str(exc)))
+            problems.append(Problem(where((section, "name")), f"{section}.name", str(exc)))
             continue
         for path, message in found:
             key = (section, "params", *path)
-            problems.append(Problem(spec.where(key), ".".join(key), message))
+            problems.append(Problem(where(key), ".".join(key), message))
     return problems
 
 
 def check_spec_file(path: str, overrides: Sequence[str] = ()) -> Spec:
     """Load, validate and plugin-check a spec; raise one SpecError listing every problem."""
-    spec = load_spec(path, overrides)
+    try:
+        spec = load_spec(path, overrides)
+    except SpecError as exc:
+        if isinstance(exc.data, dict):
+            extra = [p for p in _plugin_problems(exc.data, exc.where) if p not in exc.problems]
+            if extra:
+                raise SpecError(_in_file_order(exc.problems + extra)) from None
+        raise
     problems = plugin_problems(spec)
     if problems:
         raise SpecError(problems)
     return spec
+
+
+def _in_file_order(problems: list[Problem]) -> list[Problem]:
+    def line(problem: Problem) -> int:
+        tail = problem.where.rsplit(":", 1)[-1]
+        return int(tail) if tail.isdigit() else 10**9
+
+    return sorted(problems, key=line)
 
 
 def plugin_table(*, check: bool, echo: Callable[[str], None]) -> int:

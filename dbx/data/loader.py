@@ -1,0 +1,181 @@
+"""Batches of one split at a batch size that can change between epochs.
+
+``make_loader`` returns one of two loaders with the same interface (``BatchLoader``):
+
+- ``TensorLoader`` for a split given as a pair ``(inputs, targets)`` of tensors. Both tensors are
+  moved to the training device once; each epoch draws a permutation from a seeded CPU generator
+  and yields batches by index on the device. No DataLoader, no worker processes, no host-device
+  copies per step: a large batch costs one gather.
+- ``DatasetLoader`` for a ``torch.utils.data.Dataset`` (image folders and other data too large to
+  hold on the device): a ``torch.utils.data.DataLoader`` with workers and pinned memory, created
+  anew at each epoch at the current batch size, its batches moved to the device without blocking.
+
+The batch size set with ``set_batch_size`` takes effect at the next ``iter()``; an epoch in progress
+keeps the size it started with. The last batch of an epoch may be smaller (nothing is dropped), so
+every sample is seen exactly once per epoch.
+
+Reproducibility: the order of epoch k depends only on ``seed`` and k. ``state_dict()`` (taken
+between epochs, as a checkpoint is) holds the generators' states and the batch size;
+``load_state_dict`` on a fresh loader makes it continue with exactly the epochs the original would
+have produced.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterator
+
+import torch
+
+__all__ = ["BatchLoader", "TensorLoader", "DatasetLoader", "make_loader"]
+
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+# The augmentation draws from its own stream, so that turning it on or off does not change the
+# order in which samples are visited.
+_AUGMENT_STREAM = 0x5EED_A06
+
+
+class BatchLoader:
+    """What the training loop uses: iterate for one epoch of ``(inputs, targets)`` on the device."""
+
+    def __init__(self, *, num_samples: int, batch_size: int, shuffle: bool, device: torch.device | str,
+                 seed: int, augment: Augment | None) -> None:
+        self.device = torch.device(device)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self._num_samples = int(num_samples)
+        self._batch_size = _check_batch_size(batch_size)
+        self.augment = augment
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.augment_generator: torch.Generator | None = None
+        if augment is not None:
+            self.augment_generator = torch.Generator(device=self.device)
+            self.augment_generator.manual_seed((self.seed * 1_000_003 + _AUGMENT_STREAM) % 2**63)
+
+    @property
+    def batch_size(self) -> int:
+        """The batch size of the next epoch (and of the current one, unless it was just changed)."""
+        return self._batch_size
+
+    def set_batch_size(self, batch_size: int) -> None:
+        """Change the batch size; it takes effect from the next ``iter()``."""
+        self._batch_size = _check_batch_size(batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return self._num_samples
+
+    def __len__(self) -> int:
+        """Steps per epoch at the current batch size (the last batch may be partial)."""
+        return math.ceil(self._num_samples / self._batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def _augmented(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.augment is None:
+            return inputs
+        return self.augment(inputs, self.augment_generator)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Generator states and batch size: enough for a resumed run to see the same data order."""
+        return {
+            "batch_size": self._batch_size,
+            "generator": self.generator.get_state(),
+            "augment_generator": None if self.augment_generator is None else self.augment_generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._batch_size = _check_batch_size(state["batch_size"])
+        self.generator.set_state(state["generator"])
+        if self.augment_generator is not None and state.get("augment_generator") is not None:
+            self.augment_generator.set_state(state["augment_generator"])
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(num_samples={self._num_samples}, batch_size={self._batch_size}, "
+                f"shuffle={self.shuffle}, device={self.device}, augment={self.augment is not None})")
+
+
+class TensorLoader(BatchLoader):
+    """Device-resident tensors batched by index. See the module docstring."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, **kwargs: Any) -> None:
+        if inputs.shape[0] != targets.shape[0]:
+            raise ValueError(f"inputs and targets differ in length: {inputs.shape[0]} vs {targets.shape[0]}")
+        super().__init__(num_samples=inputs.shape[0], **kwargs)
+        self.inputs = inputs.to(self.device)
+        self.targets = targets.to(self.device)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, size = self._num_samples, self._batch_size
+        if not self.shuffle:
+            for start in range(0, n, size):  # contiguous slices: views, no copy
+                yield self._augmented(self.inputs[start:start + size]), self.targets[start:start + size]
+            return
+        order = torch.randperm(n, generator=self.generator).to(self.device, non_blocking=True)
+        for index in order.split(size):
+            yield self._augmented(self.inputs[index]), self.targets[index]
+
+
+class DatasetLoader(BatchLoader):
+    """A torch DataLoader re-created each epoch at the current batch size. See the module docstring.
+
+    Shuffling draws from this loader's seeded generator, and so do the DataLoader's worker seeds,
+    so per-image random transforms in workers are reproducible too. With ``num_workers=0`` those
+    transforms run in this process and use its global RNG (which dbx seeds with the run seed).
+    """
+
+    def __init__(self, dataset: Any, *, num_workers: int = 0, **kwargs: Any) -> None:
+        super().__init__(num_samples=len(dataset), **kwargs)
+        self.dataset = dataset
+        self.num_workers = int(num_workers)
+        self.pin_memory = self.device.type == "cuda"
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=self._batch_size,
+            shuffle=self.shuffle,
+            generator=self.generator,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+            drop_last=False,
+            prefetch_factor=4 if self.num_workers > 0 else None,
+        )
+        for inputs, targets in loader:
+            inputs = inputs.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            yield self._augmented(inputs), targets
+
+
+def make_loader(
+    split: Any,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    device: torch.device | str,
+    seed: int,
+    augment: Augment | None = None,
+    num_workers: int = 0,
+) -> BatchLoader:
+    """A loader over ``split``: a pair ``(inputs, targets)`` of tensors, or a torch Dataset.
+
+    ``augment(inputs, generator)`` (typically ``DataSplits.augment``, for the training split only)
+    is applied to every batch on the device with a generator derived from ``seed``.
+    ``num_workers`` only concerns Datasets.
+    """
+    common = dict(batch_size=batch_size, shuffle=shuffle, device=device, seed=seed, augment=augment)
+    if isinstance(split, (tuple, list)):
+        if len(split) != 2 or not all(isinstance(t, torch.Tensor) for t in split):
+            raise TypeError("a tensor split must be a pair (inputs, targets) of tensors")
+        return TensorLoader(split[0], split[1], **common)
+    if isinstance(split, torch.utils.data.Dataset):
+        return DatasetLoader(split, num_workers=num_workers, **common)
+    raise TypeError(f"cannot batch a split of type {type(split).__name__}: expected (inputs, targets) or a Dataset")
+
+
+def _check_batch_size(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)

@@ -1,0 +1,177 @@
+"""``exact``: gradient diversity over every sample of the measuring epoch, from its own steps.
+
+DiveBatch (Chen, Wang, Sundaram, arXiv 2509.16173; see PAPER.md) measures, during the epoch that
+ends at a resize point,
+
+    diversity = S1 / ||S2||^2,   S1 = sum_i ||g_i||^2,   S2 = sum_i g_i,
+
+over the per-sample loss gradients g_i of that epoch's training steps (the weights move while the
+statistic is gathered; weight decay is not part of g_i). This estimator takes ``||g_i||^2`` from
+the step's own backward through layer hooks (``dbx.estimators.kernels``: no extra forward or
+backward, no per-sample gradient materialised where the algebra avoids it) and ``S2`` from the
+parameters' ``.grad`` once per optimizer step. Both stay on the device until ``estimate``.
+
+BatchNorm in training mode couples the samples of a batch, so "the gradient of sample i" is not
+unique. Like the DiveBatch authors (BackPACK's BatchL2Grad with BatchNorm treated as fixed for
+the backward), dbx takes as per-sample term the row of the batch gradient that belongs to sample
+i: the output gradient autograd delivers to sample i's rows (cross-sample terms through the batch
+statistics included) times sample i's own input, and for BatchNorm's affine parameters
+``sum b_i * xhat_i`` with the batch-normalised input. These terms sum exactly to the batch
+gradient, so S2 is consistent with S1. They are not the gradients of independent single-sample
+forwards; models without BatchNorm (or with it in eval mode) have no such ambiguity.
+
+Micro-batching and the loss reduction are handled exactly: a micro-batch's backward carries
+``loss_scale * sum_i loss_i``, so the hooks' norms are divided by ``loss_scale**2`` and the summed
+gradient by ``loss_scale``; the result is the same whatever the split.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Sequence
+
+from dbx.protocols import DiversityEstimate
+
+__all__ = ["ExactEstimator"]
+
+
+class ExactEstimator:
+    """Exact per-sample gradient diversity over a measuring epoch (online, from the training steps).
+
+    Parameters (``estimator.params`` in a spec):
+
+    - ``exclude``: module paths (fnmatch patterns; a pattern also covers the modules below it,
+      e.g. ``["encoder.rnn"]`` or ``["*.attn"]``) whose parameters are left out of both sums.
+      Use it for modules the hooks do not support, or reach for the ``subsampled`` estimator.
+    - ``per_layer``: also report the diversity of each parameter-owning module, keyed by its path
+      (the ``layerwise`` estimator always does).
+
+    Supported modules with parameters: Linear (any leading dimensions), Conv1d, Conv2d (any
+    stride, padding, padding mode, dilation, groups), BatchNorm1d/2d/3d, GroupNorm, LayerNorm,
+    RMSNorm, InstanceNorm (affine), Embedding (dense, without ``scale_grad_by_freq``); any module
+    without parameters. Anything else with trainable parameters is an error at ``attach`` that names
+    the module. Between ``attach`` and ``detach`` every backward through the model must be reported
+    with ``on_backward``.
+    """
+
+    name = "exact"
+
+    def __init__(self, *, exclude: Sequence[str] = (), per_layer: bool = False) -> None:
+        if isinstance(exclude, str):
+            exclude = [exclude]
+        self.exclude = tuple(exclude)
+        self.per_layer = per_layer
+        self._include: Sequence[str] | None = None
+        self._hooks: Any = None
+        self._reset_sums()
+
+    def _reset_sums(self) -> None:
+        self._sum_sq = None  # (layers,) float32: sum over samples of per-layer ||g_i||^2
+        self._sum_grad: list[Any] = []  # float32 copies of the parameters: sum over samples of g_i
+        self._samples = 0
+        self._seconds = 0.0
+        self._checked = False
+
+    # -- the contract --------------------------------------------------------------------------
+    def attach(self, model: Any) -> None:
+        import torch
+
+        from dbx.estimators.hooks import build_hooks
+
+        start = time.perf_counter()
+        if self._hooks is not None:
+            self.detach()
+        hooks, _ = build_hooks(model, include=self._include, exclude=self.exclude, estimator=self.name)
+        self._hooks = hooks
+        self._params = [p for layer in hooks.layers for p in layer.params]
+        self._layer_of_param = [layer.index for layer in hooks.layers for _ in layer.params]
+        self._reset_sums()
+        device = self._params[0].device
+        self._sum_sq = torch.zeros(len(hooks.layers), dtype=torch.float32, device=device)
+        self._sum_grad = [torch.zeros_like(p, dtype=torch.float32) for p in self._params]
+        hooks.attach()
+        self._seconds = time.perf_counter() - start
+
+    def on_backward(self, loss_scale: float) -> None:
+        hooks = self._hooks
+        if hooks is None:
+            return
+        batch = hooks.batch
+        start = time.perf_counter()
+        rows = hooks.collect()  # (layers, B): squared norms of loss_scale * g_i
+        if rows is not None:
+            self._sum_sq.add_(rows.sum(1), alpha=1.0 / (loss_scale * loss_scale))
+            self._samples += batch if batch is not None else rows.shape[1]
+        self._seconds += time.perf_counter() - start
+
+    def on_step(self, loss_scale: float) -> None:
+        import torch
+
+        if self._hooks is None:
+            return
+        start = time.perf_counter()
+        if not self._checked:
+            self._check_hooks_saw_all_uses()
+        sums, grads = self._sum_grad, [p.grad for p in self._params]
+        if any(g is None for g in grads):  # parameters that took no part in this step
+            pairs = [(s, g) for s, g in zip(sums, grads) if g is not None]
+            sums, grads = [s for s, _ in pairs], [g for _, g in pairs]
+        if grads:
+            torch._foreach_add_(sums, grads, alpha=1.0 / loss_scale)
+        self._seconds += time.perf_counter() - start
+
+    def estimate(self, model: Any, loss_fn: Callable[..., Any], data: Any) -> DiversityEstimate:
+        import torch
+
+        start = time.perf_counter()
+        if self._hooks is None or self._sum_sq is None:
+            return DiversityEstimate(value=math.nan, samples=0, seconds=0.0)
+        hooks = self._hooks
+        n_layers = len(hooks.layers)
+        param_sq = torch.stack(torch._foreach_norm(self._sum_grad)).square()
+        index = torch.tensor(self._layer_of_param, device=param_sq.device)
+        layer_sq_of_sum = torch.zeros(n_layers, dtype=torch.float32, device=param_sq.device).index_add_(0, index, param_sq)
+        both = torch.stack([self._sum_sq, layer_sq_of_sum]).double()
+        sum_sq, sq_of_sum = both.sum(1).tolist()  # the one host synchronisation
+        per_layer: dict[str, float] = {}
+        if self.per_layer:
+            for layer, (s1, s2) in zip(hooks.layers, both.T.tolist()):
+                per_layer[layer.key] = _ratio(s1, s2)
+        seconds = self._seconds + hooks.seconds + (time.perf_counter() - start)
+        return DiversityEstimate(
+            value=_ratio(sum_sq, sq_of_sum),
+            samples=self._samples,
+            seconds=seconds,
+            per_layer=per_layer,
+            sum_sq_norms=sum_sq,
+            sq_norm_of_sum=sq_of_sum,
+        )
+
+    def detach(self) -> None:
+        if self._hooks is not None:
+            self._hooks.detach()
+            self._hooks = None
+        self._sum_grad = []
+        self._sum_sq = None
+
+    # -- checks ----------------------------------------------------------------------------------
+    def _check_hooks_saw_all_uses(self) -> None:
+        from dbx.estimators.hooks import ROOT, EstimatorConfigError, display
+
+        self._checked = True
+        missed = self._hooks.unfired()
+        if missed:
+            listing = ", ".join(f"{display(layer.path)!r} ({type(layer.module).__name__})" for layer in missed[:8])
+            raise EstimatorConfigError(
+                f"estimator {self.name!r}: the parameters of {listing} received gradients although the "
+                f"module was never called (the model uses its weights directly, e.g. F.linear(x, m.weight)), "
+                f"so the hooks cannot see their per-sample gradients. Exclude them with "
+                f"estimator.params.exclude: {[layer.path or ROOT for layer in missed[:8]]}, or use the "
+                f"'subsampled' estimator."
+            )
+
+
+def _ratio(sum_sq: float, sq_of_sum: float) -> float:
+    if sq_of_sum > 0:
+        return sum_sq / sq_of_sum
+    return math.inf if sum_sq > 0 else math.nan

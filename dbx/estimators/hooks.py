@@ -1,0 +1,330 @@
+"""Hooks that collect per-sample squared gradient norms from a model's own backward pass.
+
+``NormHooks`` registers, on every parameter-owning module it covers, a forward hook that keeps
+the module's input (autograd keeps it alive anyway) and puts a gradient hook on the module's
+output. When autograd reaches that output, the hook hands input and output gradient to the
+module's kernel (``dbx.estimators.kernels``), which returns the (B,) squared norms of the
+per-sample gradient of the module's parameters. ``collect()`` then returns them as one
+(layers, B) tensor per forward/backward.
+
+A module's parameters are left to the kernels only if the module is the sole owner of every one
+of them and is called with a batch-first input; everything else is reported at ``attach`` (or at
+the first forward) as a ``UserError`` naming the module, not silently mis-measured.
+"""
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from dbx.errors import UserError
+from dbx.estimators import kernels as K
+
+__all__ = ["NormHooks", "Layer", "ROOT", "matches", "EstimatorConfigError"]
+
+#: The key of parameters owned by the model object itself (a model that *is* an ``nn.Linear``).
+ROOT = "root"
+
+
+def _transforms_active() -> bool:
+    """Inside torch.func (vmap/grad): the hooks stay out of those per-sample computations."""
+    check = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(check()) if check is not None else False
+
+
+class EstimatorConfigError(UserError):
+    """The model cannot be measured by this estimator as configured (what, where, how to fix)."""
+
+
+def display(path: str) -> str:
+    return path if path else "(the model itself)"
+
+
+def matches(path: str, patterns: Iterable[str]) -> bool:
+    """Whether a module path, or any module above it, matches one of the fnmatch ``patterns``.
+
+    ``"fc"`` matches ``fc``; ``"layer4"`` matches ``layer4.0.conv1`` too; ``"*.bn*"`` matches
+    every module whose last name starts with ``bn``.
+    """
+    key = path or ROOT
+    for pattern in patterns:
+        if pattern in ("*", "**") or fnmatch.fnmatchcase(key, pattern) or fnmatch.fnmatchcase(key, pattern + ".*"):
+            return True
+    return False
+
+
+@dataclass(eq=False)
+class Layer:
+    """One parameter-owning module that the hooks measure."""
+
+    path: str
+    module: nn.Module
+    kernel: K.Kernel
+    index: int
+    params: list[nn.Parameter]
+    calls: int = 0
+    fired: bool = False
+    pending: list[tuple[Any, Tensor]] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return self.path or ROOT
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """The parameter-owning modules of a model, split by what the hooks can do with them."""
+
+    covered: list[tuple[str, nn.Module, K.Kernel, list[nn.Parameter]]]
+    uncovered: list[tuple[str, nn.Module, list[tuple[str, nn.Parameter]]]]
+    shared: list[tuple[str, list[str]]]  # parameter name, module paths that own it
+    shared_ids: set[int]
+
+
+def ownership(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str]) -> Ownership:
+    """Walk ``model`` and sort its trainable parameters by owning module (included ones only)."""
+    owners: dict[int, list[str]] = {}
+    names: dict[int, str] = {}
+    covered, uncovered = [], []
+    for path, module in model.named_modules(remove_duplicate=True):
+        own = [(n, p) for n, p in module._parameters.items() if p is not None and p.requires_grad]
+        if not own:
+            continue
+        for n, p in own:
+            owners.setdefault(id(p), []).append(path)
+            names.setdefault(id(p), f"{path}.{n}" if path else n)
+        if (include is not None and not matches(path, include)) or matches(path, exclude):
+            continue
+        kernel = K.kernel_for(module)
+        if kernel is None:
+            uncovered.append((path, module, own))
+        else:
+            covered.append((path, module, kernel, [p for _, p in own]))
+    included = {path for path, *_ in covered} | {path for path, *_ in uncovered}
+    shared_ids = {i for i, paths in owners.items() if len(paths) > 1 and any(p in included for p in paths)}
+    shared = [(names[i], owners[i]) for i in shared_ids]
+    return Ownership(covered, uncovered, shared, shared_ids)
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, Tensor):
+            return value
+        if isinstance(value, (tuple, list)):
+            for v in value:
+                if isinstance(v, Tensor):
+                    return v
+        if isinstance(value, dict):
+            for v in value.values():
+                if isinstance(v, Tensor):
+                    return v
+    return None
+
+
+class NormHooks:
+    """Per-sample squared gradient norms of ``layers`` of ``model``, from its backward passes.
+
+    Usage: ``attach()``; forward with grad enabled; backward (``.backward()`` or
+    ``torch.autograd.grad``); ``collect()`` -> (len(layers), B) float32 tensor of squared norms of
+    ``scale * per-sample gradient`` per layer, where ``scale`` is whatever multiplied the summed
+    per-sample losses before backward; repeat; ``detach()``.
+
+    Hooks act only when grad mode is on and the module's output requires grad, so evaluation
+    under ``torch.no_grad()`` costs one Python call per module and nothing else.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Module, K.Kernel, list[nn.Parameter]]],
+                 *, form: str = "auto", estimator: str = "exact") -> None:
+        self.model = model
+        self.form = K.check_form(form)
+        self.estimator = estimator
+        self.layers = [Layer(path, module, kernel, i, params) for i, (path, module, kernel, params) in enumerate(layers)]
+        self.batch: int | None = None  # leading dimension of the model's input in this forward
+        self.seconds = 0.0
+        self.enabled = True
+        self._slots: list[Tensor | None] = [None] * len(self.layers)
+        self._filled = 0
+        self._touched: list[Layer] = []
+        self._handles: list[Any] = []
+        self._device: torch.device | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def attach(self) -> None:
+        if self._handles:
+            return
+        self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_hook(partial(self._forward_hook, layer), with_kwargs=True))
+        self.reset()
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.reset()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def reset(self) -> None:
+        """Forget everything captured since the last ``collect``."""
+        for layer in self.layers:
+            layer.calls = 0
+            layer.pending.clear()
+        self._slots = [None] * len(self.layers)
+        self._filled = 0
+        self._touched = []
+        self.batch = None
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _root_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not (self.enabled and torch.is_grad_enabled()) or _transforms_active():
+            return
+        x = _first_tensor(args, kwargs)
+        if x is not None and x.dim() > 0:
+            self.batch = x.shape[0]
+
+    def _forward_hook(self, layer: Layer, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if (not (self.enabled and torch.is_grad_enabled()) or not isinstance(output, Tensor)
+                or not output.requires_grad or _transforms_active()):
+            return
+        start = time.perf_counter()
+        x = args[0] if args else next(iter(kwargs.values()))
+        if self.batch is None:
+            self.batch = x.shape[0] if x.dim() > 0 else None
+        if x.dim() == 0 or x.shape[0] != self.batch or output.shape[0] != self.batch:
+            raise EstimatorConfigError(
+                f"estimator {self.estimator!r} needs batch-first inputs: module {display(layer.path)!r} "
+                f"({type(module).__name__}) received shape {tuple(x.shape)} while the model's batch has "
+                f"{self.batch} samples (is the batch folded into another dimension, or time-major?). "
+                f"Exclude it with estimator.params.exclude: [{layer.path or ROOT!r}], or use the "
+                f"'subsampled' estimator."
+            )
+        if layer.calls == 0:
+            self._touched.append(layer)
+        layer.calls += 1
+        layer.fired = True
+        ctx = layer.kernel.capture(module, x)
+        output.register_hook(partial(self._grad_hook, layer, ctx))
+        self.seconds += time.perf_counter() - start
+
+    def _grad_hook(self, layer: Layer, ctx: Any, grad: Tensor) -> None:
+        if not self.enabled:
+            return
+        start = time.perf_counter()
+        if layer.calls <= 1:
+            self._store(layer, self._run(layer, [ctx], [grad]))
+        else:  # a module used several times in one forward: its per-sample gradient is the sum
+            layer.pending.append((ctx, grad))
+            if len(layer.pending) == layer.calls:
+                self._flush(layer)
+        self.seconds += time.perf_counter() - start
+
+    def _run(self, layer: Layer, ctxs: list, grads: list[Tensor]) -> Tensor:
+        device = grads[0].device.type
+        if torch.is_autocast_enabled(device):  # norms in float32, whatever the surrounding context
+            with torch.autocast(device, enabled=False):
+                return layer.kernel.sq_norms(layer.module, ctxs, grads, self.form)
+        return layer.kernel.sq_norms(layer.module, ctxs, grads, self.form)
+
+    def _flush(self, layer: Layer) -> None:
+        if layer.pending:
+            ctxs, grads = zip(*layer.pending)
+            layer.pending.clear()
+            self._store(layer, self._run(layer, list(ctxs), list(grads)))
+
+    def _store(self, layer: Layer, norms: Tensor) -> None:
+        slot = self._slots[layer.index]
+        if slot is None:
+            self._slots[layer.index] = norms
+            self._filled += 1
+        else:
+            self._slots[layer.index] = slot + norms
+
+    # -- results -----------------------------------------------------------------------------
+    def collect(self) -> Tensor | None:
+        """(layers, B) squared norms captured since the last call, or None if nothing was seen.
+
+        Layers that got no gradient in this backward contribute zeros.
+        """
+        start = time.perf_counter()
+        for layer in self._touched:
+            if layer.pending:  # some calls' outputs got no gradient: they contributed nothing
+                self._flush(layer)
+            layer.calls = 0
+        self._touched = []
+        if self._filled == 0:
+            self.reset()
+            return None
+        slots = self._slots
+        if self._filled < len(slots):
+            ref = next(s for s in slots if s is not None)
+            zero = torch.zeros_like(ref)
+            slots = [zero if s is None else s for s in slots]
+        rows = torch.stack(slots)
+        self._slots = [None] * len(self.layers)
+        self._filled = 0
+        self.batch = None
+        self.seconds += time.perf_counter() - start
+        return rows
+
+    def unfired(self) -> list[Layer]:
+        """Layers whose parameters received a gradient although their forward hook never ran.
+
+        That happens when a model uses a module's weights functionally (``F.linear(x, m.weight)``)
+        instead of calling the module: the hooks would miss that use.
+        """
+        return [layer for layer in self.layers if not layer.fired and any(p.grad is not None for p in layer.params)]
+
+
+def build_hooks(model: nn.Module, *, include: Sequence[str] | None, exclude: Sequence[str], estimator: str,
+                form: str = "auto", allow_uncovered: bool = False) -> tuple[NormHooks, Ownership]:
+    """Check ``model`` and build hooks for its included parameter-owning modules.
+
+    Raises ``EstimatorConfigError`` for parameters shared between modules, for unsupported
+    modules (unless ``allow_uncovered``) and when the patterns select nothing.
+    """
+    own = ownership(model, include, exclude)
+    if own.shared and allow_uncovered:  # shared parameters go to the caller's fallback
+        keep = [c for c in own.covered if not any(id(p) in own.shared_ids for p in c[3])]
+        moved = [(path, module, [(n, p) for n, p in module._parameters.items() if p is not None and p.requires_grad])
+                 for path, module, _, params in own.covered if any(id(p) in own.shared_ids for p in params)]
+        own = Ownership(keep, own.uncovered + moved, [], set())
+    if own.shared:
+        listing = "; ".join(f"{name} is used by {', '.join(map(repr, map(display, paths)))}" for name, paths in own.shared[:5])
+        paths = sorted({p or ROOT for _, ps in own.shared for p in ps})
+        raise EstimatorConfigError(
+            f"estimator {estimator!r} cannot take per-sample norms of parameters shared between modules "
+            f"({listing}): each module sees only its own part of the gradient. Exclude them with "
+            f"estimator.params.exclude: {paths}, or use the 'subsampled' estimator."
+        )
+    if own.uncovered and not allow_uncovered:
+        listing = ", ".join(f"{display(path)!r} ({type(m).__module__}.{type(m).__qualname__})" for path, m, _ in own.uncovered[:8])
+        more = f" and {len(own.uncovered) - 8} more" if len(own.uncovered) > 8 else ""
+        paths = [path or ROOT for path, _, _ in own.uncovered]
+        raise EstimatorConfigError(
+            f"estimator {estimator!r} cannot compute per-sample gradient norms for module(s) {listing}{more}, "
+            f"which have trainable parameters. Supported: {', '.join(K.supported_types())} (with their "
+            f"standard forward), and parameter-free modules. Leave them out of the statistic with "
+            f"estimator.params.exclude: {paths[:8]}, or use the 'subsampled' estimator, which handles any layer."
+        )
+    if not own.covered and not own.uncovered:
+        raise EstimatorConfigError(
+            f"estimator {estimator!r} found no trainable parameters to measure"
+            + (f" in the layers matching {list(include)}" if include is not None else "")
+            + (f" outside {list(exclude)}" if exclude else "")
+            + f". Parameter-owning modules of this model: {_owner_listing(model)}"
+        )
+    return NormHooks(model, own.covered, form=form, estimator=estimator), own
+
+
+def _owner_listing(model: nn.Module, limit: int = 12) -> str:
+    paths = [path or ROOT for path, m in model.named_modules() if any(p is not None for p in m._parameters.values())]
+    shown = ", ".join(paths[:limit])
+    return (shown + f", ... ({len(paths)} in all)") if len(paths) > limit else (shown or "none")

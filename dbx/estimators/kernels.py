@@ -1,0 +1,374 @@
+"""Per-sample squared gradient norms of single layers, from their inputs and output gradients.
+
+A layer's per-sample gradient is a function of two things autograd already has during the
+training step: the layer's input ``a_i`` (saved by autograd anyway) and the gradient ``b_i`` that
+reaches the layer's output. These kernels turn them into ``||g_i||^2`` without materialising
+per-sample gradients where the algebra allows.
+
+Linear and convolution (after unfolding the input into patches, one row per output position):
+the per-sample weight gradient is ``G_i = sum_t b_it a_it^T`` over the sample's positions t, and
+
+    ||G_i||_F^2 = sum_{t,s} (a_it . a_is) (b_it . b_is)          "ghost norm" (Gram form)
+               = ||b_i^T a_i||_F^2                             explicit per-sample product
+
+The Gram form costs T^2 (I + O) per sample, the explicit product T I O, for T positions, I inputs
+and O outputs (per group for grouped convolutions); each call picks the cheaper one for its shapes
+(Li et al., "Large language models can be strong differentially private learners", ICLR 2022;
+Bu et al., "Differentially private optimization on large model at small cost", ICML 2023). With a
+single position this is ``||a_i||^2 ||b_i||^2`` (Goodfellow, "Efficient per-example gradient
+computations", 2015). The bias gradient is ``sum_t b_it``.
+
+Normalisation layers (BatchNorm, GroupNorm, LayerNorm, RMSNorm, InstanceNorm): the per-sample
+gradient of the affine weight is ``sum_positions b_i * xhat_i`` and of the bias ``sum_positions b_i``,
+where ``xhat`` is the normalised input computed exactly as the layer's forward did (batch statistics
+in BatchNorm's training mode). For BatchNorm in training mode these per-sample terms are the rows of
+the batch gradient, as in PAPER.md: ``b_i`` already carries the cross-sample terms autograd
+propagated through the batch statistics, and the terms sum exactly to the batch gradient.
+
+Embedding: the per-sample gradient is ``sum_t onehot(idx_it) b_it^T``; its squared norm is
+``sum_{t,s} [idx_it == idx_is] (b_it . b_is)``, evaluated as a Gram form for short sequences and by
+sorting the (sample, token) keys and summing segments for long ones.
+
+All kernels accumulate in float32 whatever the input dtype (bf16/fp16 squares overflow), work on
+chunks of samples so that their scratch memory stays bounded (``CHUNK_ELEMENTS``), and never
+synchronise with the device.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Kernel", "kernel_for", "supported_types", "CHUNK_ELEMENTS", "sum_outer_sq_norms"]
+
+#: Upper bound on the scratch elements (float32) one kernel call allocates at a time; larger
+#: batches are processed in chunks of samples.
+CHUNK_ELEMENTS = 1 << 24
+
+#: "auto" picks the cheaper of the two forms per call; tests force one or the other.
+FORMS = ("auto", "ghost", "explicit")
+
+
+def _sq(x: Tensor, dim: int | tuple[int, ...]) -> Tensor:
+    """Squared 2-norm over ``dim``, computed in float32."""
+    return torch.linalg.vector_norm(x, dim=dim, dtype=torch.float32).square()
+
+
+def _f32(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def _cat(parts: list[Tensor], dim: int) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _chunks(n: int, per_sample: int) -> list[tuple[int, int]]:
+    size = max(1, CHUNK_ELEMENTS // max(1, per_sample))
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def sum_outer_sq_norms(a: Tensor, g: Tensor, form: str = "auto") -> Tensor:
+    """``||sum_t g[n, t] a[n, t]^T||_F^2`` for each n, in float32.
+
+    ``a`` is (N, T, I) and ``g`` is (N, T, O); either may be a strided view. ``form`` is "ghost"
+    (Gram matrices, T^2 (I + O) work per row), "explicit" (the I x O product, T I O work) or
+    "auto" (the cheaper of the two).
+    """
+    _, t, i = a.shape
+    o = g.shape[-1]
+    if t == 1:
+        return _sq(a[:, 0], 1) * _sq(g[:, 0], 1)
+    if form == "auto":
+        form = "ghost" if t * (i + o) <= i * o else "explicit"
+    a, g = _f32(a), _f32(g)
+    if form == "ghost":
+        gram_a = torch.bmm(a, a.mT)
+        gram_g = torch.bmm(g, g.mT)
+        return torch.linalg.vecdot(gram_a.flatten(1), gram_g.flatten(1))
+    return _sq(torch.bmm(g.mT, a), (1, 2))
+
+
+def _outer_cost(t: int, i: int, o: int) -> int:
+    """Scratch elements per row of ``sum_outer_sq_norms`` with form "auto" (float32 copies included)."""
+    return t * (i + o) + min(2 * t * t, i * o)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels. ``capture(module, x)`` runs in the forward hook and returns what the backward needs
+# (usually just the input, which autograd keeps alive anyway); ``sq_norms(module, ctxs, grads,
+# form)`` gets one ctx and one output gradient per call of the module in the forward pass and
+# returns the (B,) float32 squared norms of the per-sample gradient of the module's trainable
+# parameters (weight and bias together; several calls add their gradients).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    types: tuple[type, ...]
+    reference: type  # the class whose ``forward`` a supported module must use unchanged
+    sq_norms: Callable[[nn.Module, list, list[Tensor], str], Tensor]
+    capture: Callable[[nn.Module, Tensor], object] = lambda module, x: x
+    param_names: tuple[str, ...] = ("weight", "bias")
+
+
+def _trainable(module: nn.Module, name: str) -> bool:
+    p = module._parameters.get(name)
+    return p is not None and p.requires_grad
+
+
+def _linear_sq_norms(module: nn.Linear, xs: list[Tensor], gs: list[Tensor], form: str) -> Tensor:
+    n = gs[0].shape[0]
+    a = _cat([x.reshape(n, -1, x.shape[-1]) for x in xs], 1)  # (B, T, in)
+    g = _cat([y.reshape(n, -1, y.shape[-1]) for y in gs], 1)  # (B, T, out)
+    t, i, o = a.shape[1], a.shape[2], g.shape[2]
+    total = None
+    if _trainable(module, "weight"):
+        if t == 1:
+            total = _sq(a[:, 0], 1) * _sq(g[:, 0], 1)
+        else:
+            parts = [sum_outer_sq_norms(a[s:e], g[s:e], form) for s, e in _chunks(n, _outer_cost(t, i, o))]
+            total = _cat(parts, 0)
+    if _trainable(module, "bias"):
+        bias = _sq(g[:, 0], 1) if t == 1 else _sq(g.sum(1, dtype=torch.float32), 1)
+        total = bias if total is None else total + bias
+    return total if total is not None else g.new_zeros(n, dtype=torch.float32)
+
+
+def _conv_geometry(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    """kernel, dilation, stride as 2-d tuples (Conv1d is a Conv2d of height 1)."""
+    if isinstance(module, nn.Conv1d):
+        return (1, module.kernel_size[0]), (1, module.dilation[0]), (1, module.stride[0])
+    return tuple(module.kernel_size), tuple(module.dilation), tuple(module.stride)  # type: ignore[return-value]
+
+
+def _unfold(module: nn.Module, x: Tensor) -> Tensor:
+    """The input patches of a Conv1d/Conv2d: (B, C_in * prod(kernel), positions)."""
+    kernel, dilation, stride = _conv_geometry(module)
+    padding: tuple[int, int] = (0, 0)
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+    elif isinstance(module.padding, str):  # "same" may pad asymmetrically; "valid" pads nothing
+        if any(module._reversed_padding_repeated_twice):
+            x = F.pad(x, module._reversed_padding_repeated_twice)
+    else:
+        padding = (0, module.padding[0]) if isinstance(module, nn.Conv1d) else tuple(module.padding)  # type: ignore[assignment]
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(2)
+    if kernel == (1, 1) and stride == (1, 1) and padding == (0, 0):
+        return x.flatten(2)
+    return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+
+
+def _conv_sq_norms(module: nn.Module, xs: list[Tensor], gs: list[Tensor], form: str) -> Tensor:
+    n = gs[0].shape[0]
+    c_out, groups = module.out_channels, module.groups
+    g3 = [y.reshape(n, c_out, -1) for y in gs]  # (B, C_out, positions)
+    total = None
+    if _trainable(module, "weight"):
+        i = module.in_channels // groups * math.prod(module.kernel_size)
+        o = c_out // groups
+        t = sum(y.shape[-1] for y in g3)
+        per_sample = i * t + groups * _outer_cost(t, i, o)
+        parts = []
+        for s, e in _chunks(n, per_sample):
+            a = _cat([_unfold(module, x[s:e]) for x in xs], -1)  # (b, C_in*k, T)
+            g = _cat([y[s:e] for y in g3], -1)  # (b, C_out, T)
+            b = e - s
+            a = a.reshape(b * groups, i, t).mT
+            g = g.reshape(b * groups, o, t).mT
+            parts.append(sum_outer_sq_norms(a, g, form).view(b, groups).sum(1))
+        total = _cat(parts, 0)
+    if _trainable(module, "bias"):
+        gb = g3[0].sum(-1, dtype=torch.float32)
+        for y in g3[1:]:
+            gb = gb + y.sum(-1, dtype=torch.float32)
+        bias = _sq(gb, 1)
+        total = bias if total is None else total + bias
+    return total if total is not None else g3[0].new_zeros(n, dtype=torch.float32)
+
+
+def _channel_affine(module: nn.Module, xhats: list[Tensor], gs: list[Tensor]) -> Tensor:
+    """Normalisation with per-channel affine over dim 1: (B, C, *)."""
+    n = gs[0].shape[0]
+    c = gs[0].shape[1]
+    gw = gb = None
+    for xhat, y in zip(xhats, gs):
+        y3 = _f32(y.reshape(n, c, -1))
+        if _trainable(module, "weight"):
+            w = torch.linalg.vecdot(y3, xhat.reshape(n, c, -1))
+            gw = w if gw is None else gw + w
+        if _trainable(module, "bias"):
+            b = y3.sum(-1)
+            gb = b if gb is None else gb + b
+    total = torch.zeros(n, dtype=torch.float32, device=gs[0].device)
+    if gw is not None:
+        total = total + _sq(gw, 1)
+    if gb is not None:
+        total = total + _sq(gb, 1)
+    return total
+
+
+def _feature_affine(module: nn.Module, xhats: list[Tensor], gs: list[Tensor], features: int) -> Tensor:
+    """Normalisation with an affine over the trailing ``features`` elements: (B, *, *shape)."""
+    n = gs[0].shape[0]
+    gw = gb = None
+    for xhat, y in zip(xhats, gs):
+        y3 = _f32(y.reshape(n, -1, features))
+        if _trainable(module, "weight"):
+            w = torch.einsum("btf,btf->bf", y3, xhat.reshape(n, -1, features))
+            gw = w if gw is None else gw + w
+        if _trainable(module, "bias"):
+            b = y3.sum(1)
+            gb = b if gb is None else gb + b
+    total = torch.zeros(n, dtype=torch.float32, device=gs[0].device)
+    if gw is not None:
+        total = total + _sq(gw, 1)
+    if gb is not None:
+        total = total + _sq(gb, 1)
+    return total
+
+
+def _batchnorm_capture(module: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
+    # The statistics the forward used: the batch's in training mode (or without running stats).
+    return x, module.training or (module.running_mean is None and module.running_var is None)
+
+
+def _batchnorm_sq_norms(module: nn.Module, ctxs: list, gs: list[Tensor], form: str) -> Tensor:
+    xhats = []
+    for x, batch_stats in ctxs:
+        if batch_stats:
+            xhat = F.batch_norm(_f32(x), None, None, training=True, momentum=0.0, eps=module.eps)
+        else:
+            xhat = F.batch_norm(_f32(x), _f32(module.running_mean), _f32(module.running_var),
+                                training=False, eps=module.eps)
+        xhats.append(xhat)
+    return _channel_affine(module, xhats, gs)
+
+
+def _instancenorm_capture(module: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
+    return x, module.training or not module.track_running_stats
+
+
+def _instancenorm_sq_norms(module: nn.Module, ctxs: list, gs: list[Tensor], form: str) -> Tensor:
+    xhats = []
+    for x, input_stats in ctxs:
+        if input_stats:
+            xhat = F.instance_norm(_f32(x), use_input_stats=True, eps=module.eps)
+        else:
+            xhat = F.instance_norm(_f32(x), _f32(module.running_mean), _f32(module.running_var),
+                                   use_input_stats=False, eps=module.eps)
+        xhats.append(xhat)
+    return _channel_affine(module, xhats, gs)
+
+
+def _groupnorm_sq_norms(module: nn.GroupNorm, xs: list[Tensor], gs: list[Tensor], form: str) -> Tensor:
+    xhats = [F.group_norm(_f32(x), module.num_groups, eps=module.eps) for x in xs]
+    return _channel_affine(module, xhats, gs)
+
+
+def _layernorm_sq_norms(module: nn.LayerNorm, xs: list[Tensor], gs: list[Tensor], form: str) -> Tensor:
+    shape = tuple(module.normalized_shape)
+    xhats = [F.layer_norm(_f32(x), shape, eps=module.eps) for x in xs]
+    return _feature_affine(module, xhats, gs, math.prod(shape))
+
+
+def _rmsnorm_sq_norms(module: nn.Module, xs: list[Tensor], gs: list[Tensor], form: str) -> Tensor:
+    shape = tuple(module.normalized_shape)
+    xhats = [F.rms_norm(_f32(x), shape, eps=module.eps) for x in xs]
+    return _feature_affine(module, xhats, gs, math.prod(shape))
+
+
+def _embedding_sq_norms(module: nn.Embedding, xs: list[Tensor], gs: list[Tensor], form: str) -> Tensor:
+    n = gs[0].shape[0]
+    d = module.embedding_dim
+    idx = _cat([x.reshape(n, -1) for x in xs], 1)  # (B, T)
+    g = _f32(_cat([y.reshape(n, -1, d) for y in gs], 1))  # (B, T, D)
+    if module.padding_idx is not None:  # the padding row gets no gradient
+        g = g * (idx != module.padding_idx).unsqueeze(-1)
+    t = idx.shape[1]
+    if t == 1:
+        return _sq(g[:, 0], 1)
+    if form == "ghost" or (form == "auto" and t <= 16):
+        same = idx.unsqueeze(2) == idx.unsqueeze(1)  # (B, T, T)
+        gram = torch.bmm(g, g.mT)
+        return torch.linalg.vecdot(gram.flatten(1), same.flatten(1).to(gram.dtype))
+    # Sort the (sample, token) keys, sum the output gradients of equal keys, square, and add the
+    # segments up per sample: O(B T D) work, fixed sizes, no host synchronisation.
+    vocab = module.num_embeddings
+    keys = (idx + vocab * torch.arange(n, device=idx.device).unsqueeze(1)).flatten()
+    keys, order = keys.sort()
+    starts = torch.ones_like(keys, dtype=torch.bool)
+    starts[1:] = keys[1:] != keys[:-1]
+    segment = starts.cumsum(0) - 1
+    sums = torch.zeros(keys.numel(), d, dtype=torch.float32, device=g.device)
+    sums.index_add_(0, segment, g.reshape(-1, d)[order])
+    segment_sample = torch.zeros(keys.numel(), dtype=torch.long, device=g.device)
+    segment_sample.scatter_(0, segment, keys // vocab)
+    out = torch.zeros(n, dtype=torch.float32, device=g.device)
+    return out.index_add_(0, segment_sample, _sq(sums, 1))
+
+
+def _kernels() -> list[Kernel]:
+    kernels = [
+        Kernel("linear", (nn.Linear,), nn.Linear, _linear_sq_norms),
+        Kernel("conv", (nn.Conv1d, nn.Conv2d), nn.Conv2d, _conv_sq_norms),
+        Kernel("batchnorm", (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), nn.BatchNorm2d,
+               _batchnorm_sq_norms, _batchnorm_capture),
+        Kernel("instancenorm", (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), nn.InstanceNorm2d,
+               _instancenorm_sq_norms, _instancenorm_capture),
+        Kernel("groupnorm", (nn.GroupNorm,), nn.GroupNorm, _groupnorm_sq_norms),
+        Kernel("layernorm", (nn.LayerNorm,), nn.LayerNorm, _layernorm_sq_norms),
+        Kernel("embedding", (nn.Embedding,), nn.Embedding, _embedding_sq_norms, param_names=("weight",)),
+    ]
+    if hasattr(nn, "RMSNorm"):
+        kernels.append(Kernel("rmsnorm", (nn.RMSNorm,), nn.RMSNorm, _rmsnorm_sq_norms, param_names=("weight",)))
+    return kernels
+
+
+_KERNELS = _kernels()
+
+
+def supported_types() -> list[str]:
+    """Names of the module types whose per-sample norms come from hooks."""
+    return [t.__name__ for k in _KERNELS for t in k.types]
+
+
+def kernel_for(module: nn.Module) -> Kernel | None:
+    """The kernel for ``module``, or None when hooks cannot give its per-sample norms.
+
+    A module qualifies when it is an instance of a supported type that keeps that type's
+    ``forward`` and has no parameters beyond the type's own (so weight-norm reparametrisations,
+    custom subclasses and sparse or frequency-scaled embeddings are not silently mistaken for it).
+    """
+    for kernel in _KERNELS:
+        if not isinstance(module, kernel.types):
+            continue
+        if type(module).forward is not kernel.reference.forward:
+            return None
+        if any(name not in kernel.param_names for name in module._parameters):
+            return None
+        if isinstance(module, nn.Embedding) and (module.sparse or module.scale_grad_by_freq):
+            return None
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            return None
+        return kernel
+    return None
+
+
+def check_form(form: str) -> str:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    return form
+
+
+def outer_forms_used(t: int, i: int, o: int) -> str:
+    """Which form "auto" picks for T positions, I inputs and O outputs (for reports and tests)."""
+    if t == 1:
+        return "rank-one"
+    return "ghost" if t * (i + o) <= i * o else "explicit"
+

@@ -1,0 +1,455 @@
+"""Per-sample squared norms for every supported layer, on random models, against two oracles.
+
+- Models without BatchNorm: explicit per-sample gradients from ``torch.func`` (vmap over grad).
+- Models with BatchNorm in training mode: the rows of the batch gradient, i.e. for each module and
+  each sample i the vector-Jacobian product of the module's own output with the output gradient
+  autograd delivered, restricted to sample i's rows. The test checks that these rows sum to the
+  batch gradient, then that dbx's norms are theirs.
+
+Random models mix Conv1d/Conv2d (random kernel, stride, padding and padding mode, dilation,
+groups, bias), BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, Embedding (with repeated
+tokens and a padding index) and Linear over sequences; each is checked with the "ghost" form, the
+"explicit" form and the automatic choice.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from dbx.errors import UserError
+from dbx.estimators import ExactEstimator, per_sample_grads_func, per_sample_sq_norms
+from dbx.estimators import kernels
+
+FORMS = st.sampled_from(["auto", "ghost", "explicit"])
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# -- oracles -------------------------------------------------------------------------------------------
+
+
+def func_oracle(model, x, y, loss_fn=F.cross_entropy):
+    """Per-layer (B,) squared norms of explicit per-sample gradients (torch.func)."""
+    grads = per_sample_grads_func(model, loss_fn, x, y)
+    out: dict[str, torch.Tensor] = {}
+    for name, g in grads.items():
+        path = name.rpartition(".")[0] or "root"
+        out[path] = out.get(path, 0) + g.flatten(1).double().square().sum(1)
+    return out
+
+
+def rows_oracle(model, x, y, loss_fn=F.cross_entropy):
+    """Per-layer (B,) squared norms of the rows of the batch gradient, by per-sample VJPs."""
+    captured = {}
+    handles = []
+    owners = [(path, m) for path, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    for path, module in owners:
+        def hook(mod, args, output, path=path):
+            grads = captured.setdefault(path, {"out": output})
+            output.register_hook(lambda g: grads.__setitem__("grad", g))
+        handles.append(module.register_forward_hook(hook))
+    loss = loss_fn(model(x), y, reduction="sum")
+    loss.backward(retain_graph=True)
+    for h in handles:
+        h.remove()
+    result = {}
+    for path, module in owners:
+        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        out, grad = captured[path]["out"], captured[path]["grad"]
+        rows = []
+        for i in range(x.shape[0]):
+            mask = torch.zeros_like(grad)
+            mask[i] = grad[i]
+            rows.append(torch.autograd.grad(out, params, mask, retain_graph=True))
+        for j, p in enumerate(params):  # the per-sample terms sum to the batch gradient
+            torch.testing.assert_close(sum(r[j] for r in rows), p.grad, rtol=1e-4, atol=1e-6)
+        result[path] = torch.stack([sum(g.double().square().sum() for g in r) for r in rows])
+    model.zero_grad(set_to_none=True)
+    return result
+
+
+def assert_norms_match(ours, oracle, rtol=1e-4):
+    assert set(ours.per_layer) == set(oracle), (sorted(ours.per_layer), sorted(oracle))
+    for path, expected in oracle.items():
+        got = ours.per_layer[path].double()
+        scale = expected.abs().max().item() + 1e-30
+        torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol * scale, msg=f"layer {path}")
+
+
+# -- random models -----------------------------------------------------------------------------------
+
+
+def out_size(size, kernel, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@st.composite
+def conv_block(draw, dims, c_in, size, allow_bn):
+    """A Conv{dims}d with random geometry, maybe followed by a normalisation layer."""
+    groups = draw(st.sampled_from([g for g in (1, 2, 3) if c_in % g == 0]))
+    c_out = groups * draw(st.integers(1, 3))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(dims))
+    stride = draw(st.integers(1, 2))
+    dilation = draw(st.integers(1, 2))
+    padding = draw(st.sampled_from([0, 1, 2, "valid"] + (["same"] if stride == 1 else [])))
+    mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
+    numeric = {"valid": 0}.get(padding, padding)
+    if padding == "same":
+        numeric = max(dilation * (k - 1) for k in kernel)
+    assume(mode == "zeros" or (numeric < size and padding != "same") or (padding == "same" and numeric < 2 * size))
+    if padding == "same":
+        new = size
+    else:
+        new = min(out_size(size, k, stride, numeric, dilation) for k in kernel)
+    assume(new >= 1)
+    cls = nn.Conv1d if dims == 1 else nn.Conv2d
+    conv = cls(c_in, c_out, kernel if dims == 2 else kernel[0], stride=stride, padding=padding, dilation=dilation,
+               groups=groups, bias=draw(st.booleans()), padding_mode=mode)
+    spatial = new ** dims if padding == "same" else None
+    norms = ["none", "gn", "ln"] + (["bn"] if allow_bn else []) + (["in"] if new > 1 else [])
+    norm = draw(st.sampled_from(norms))
+    layers = [conv]
+    if norm == "bn":
+        layers.append((nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(c_out))
+    elif norm == "gn":
+        layers.append(nn.GroupNorm(draw(st.sampled_from([g for g in (1, 2, 3) if c_out % g == 0])), c_out))
+    elif norm == "in":
+        layers.append((nn.InstanceNorm1d if dims == 1 else nn.InstanceNorm2d)(c_out, affine=True))
+    elif norm == "ln":
+        layers.append("ln")  # the trailing size is known only after a dry run
+    layers.append(nn.Tanh())
+    return layers, c_out, spatial
+
+
+def build(layers, example):
+    """nn.Sequential from blocks, resolving LayerNorm placeholders over the trailing dimension."""
+    modules = []
+    h = example
+    for layer in layers:
+        if layer == "ln":
+            layer = nn.LayerNorm(h.shape[-1])
+        modules.append(layer)
+        with torch.no_grad():
+            h = layer(h)
+    return nn.Sequential(*modules), h
+
+
+@st.composite
+def conv_model(draw, dims, allow_bn):
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    c = draw(st.integers(1, 4))
+    size = draw(st.integers(3, 7))
+    batch = draw(st.integers(2, 5))
+    x = torch.randn(batch, c, *([size] * dims))
+    blocks = []
+    for _ in range(draw(st.integers(1, 3))):
+        current = build(blocks, x)[1] if blocks else x
+        block, c, _ = draw(conv_block(dims, current.shape[1], min(current.shape[2:]), allow_bn))
+        blocks += block
+    features, h = build(blocks, x)
+    classes = draw(st.integers(2, 4))
+    model = nn.Sequential(*features, nn.Flatten(), nn.Linear(h[0].numel(), classes))
+    y = torch.randint(0, classes, (batch,))
+    return model, x, y
+
+
+class SequenceModel(nn.Module):
+    def __init__(self, vocab, dim, hidden, classes, padding_idx, norm, conv):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=padding_idx)
+        self.norm = {"ln": nn.LayerNorm(dim), "rms": nn.RMSNorm(dim), "none": nn.Identity()}[norm]
+        self.proj = nn.Linear(dim, hidden)
+        self.conv = conv
+        self.head = nn.Linear(hidden if conv is None else conv.out_channels, classes)
+
+    def forward(self, tokens):
+        h = self.proj(self.norm(self.embed(tokens)))  # (B, T, hidden): Linear over a sequence
+        if self.conv is not None:
+            h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+        return self.head(torch.tanh(h).mean(1))
+
+
+@st.composite
+def sequence_model(draw):
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    vocab = draw(st.integers(2, 12))
+    dim, hidden, classes = draw(st.integers(1, 9)), draw(st.integers(1, 9)), draw(st.integers(2, 4))
+    length, batch = draw(st.integers(1, 24)), draw(st.integers(2, 5))
+    padding_idx = draw(st.sampled_from([None, 0]))
+    conv = None
+    if draw(st.booleans()):
+        k = draw(st.integers(1, 3))
+        assume(k <= length)
+        groups = draw(st.sampled_from([g for g in (1, 2, 3) if hidden % g == 0]))
+        conv = nn.Conv1d(hidden, groups * draw(st.integers(1, 2)), k, groups=groups, padding=draw(st.integers(0, 1)))
+    model = SequenceModel(vocab, dim, hidden, classes, padding_idx, draw(st.sampled_from(["ln", "rms", "none"])), conv)
+    tokens = torch.randint(0, vocab, (batch, length))
+    return model, tokens, torch.randint(0, classes, (batch,))
+
+
+# -- the tests ---------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(case=conv_model(dims=2, allow_bn=False), form=FORMS)
+def test_conv2d_models_match_torch_func(case, form):
+    model, x, y = case
+    ours = per_sample_sq_norms(model, F.cross_entropy, x, y, form=form)
+    assert_norms_match(ours, func_oracle(model, x, y))
+
+
+@SETTINGS
+@given(case=conv_model(dims=1, allow_bn=False), form=FORMS)
+def test_conv1d_models_match_torch_func(case, form):
+    model, x, y = case
+    ours = per_sample_sq_norms(model, F.cross_entropy, x, y, form=form)
+    assert_norms_match(ours, func_oracle(model, x, y))
+
+
+@SETTINGS
+@given(case=conv_model(dims=2, allow_bn=True), form=FORMS)
+def test_conv2d_models_with_batchnorm_match_the_rows_of_the_batch_gradient(case, form):
+    model, x, y = case
+    model.train()
+    ours = per_sample_sq_norms(model, F.cross_entropy, x, y, form=form)
+    assert_norms_match(ours, rows_oracle(model, x, y))
+
+
+@SETTINGS
+@given(case=conv_model(dims=1, allow_bn=True), form=FORMS)
+def test_conv1d_models_with_batchnorm_match_the_rows_of_the_batch_gradient(case, form):
+    model, x, y = case
+    ours = per_sample_sq_norms(model, F.cross_entropy, x, y, form=form)
+    assert_norms_match(ours, rows_oracle(model, x, y))
+
+
+@SETTINGS
+@given(case=sequence_model(), form=FORMS)
+def test_embedding_sequence_models_match_torch_func(case, form):
+    model, tokens, y = case
+    ours = per_sample_sq_norms(model, F.cross_entropy, tokens, y, form=form)
+    assert_norms_match(ours, func_oracle(model, tokens, y))
+
+
+def test_batchnorm_in_eval_mode_and_batchnorm1d_on_features_match_torch_func():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    model.train()
+    assert_norms_match(per_sample_sq_norms(model, F.cross_entropy, x, y), rows_oracle(model, x, y))
+    model(torch.randn(16, 5))  # running statistics that differ from the defaults
+    model.eval()
+    assert_norms_match(per_sample_sq_norms(model, F.cross_entropy, x, y), func_oracle(model, x, y))
+
+
+def test_long_sequences_use_the_sorted_embedding_kernel():
+    torch.manual_seed(0)
+    emb = nn.Embedding(7, 3, padding_idx=2)
+    model = nn.Sequential(emb, nn.Flatten(), nn.Linear(40 * 3, 2))
+    tokens = torch.randint(0, 7, (4, 40))
+    y = torch.randint(0, 2, (4,))
+    for form in ("auto", "explicit", "ghost"):  # auto and explicit sort, ghost builds the T x T Gram
+        assert_norms_match(per_sample_sq_norms(model, F.cross_entropy, tokens, y, form=form), func_oracle(model, tokens, y))
+
+
+def test_a_module_called_twice_adds_its_gradients():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Linear(6, 6)
+            self.unused = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.block(x))
+            h = torch.tanh(self.block(h))  # same weights, second use
+            self.block(h)  # a third use whose output is thrown away: contributes nothing
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model = Twice()
+    x, y = torch.randn(6, 6), torch.randint(0, 3, (6,))
+    ours = per_sample_sq_norms(model, F.cross_entropy, x, y, layers=["block", "head"])
+    oracle = func_oracle(model, x, y)
+    oracle.pop("unused", None)
+    assert_norms_match(ours, oracle)
+
+
+def test_micro_batching_does_not_change_the_result():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, groups=1), nn.GroupNorm(2, 4), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3, stride=2, groups=2), nn.Flatten(), nn.LayerNorm(36), nn.Linear(36, 5))
+    x, y = torch.randn(30, 3, 7, 7), torch.randint(0, 5, (30,))
+    values = []
+    for micro in (12, 5, 1):
+        model = nn.Sequential(*[m for m in base])
+        model.load_state_dict(base.state_dict())
+        estimator = ExactEstimator()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        estimator.attach(model)
+        for s in range(0, 30, 12):
+            xb, yb = x[s:s + 12], y[s:s + 12]
+            for m in range(0, len(xb), micro):
+                (F.cross_entropy(model(xb[m:m + micro]), yb[m:m + micro], reduction="sum") / len(xb)).backward()
+                estimator.on_backward(1 / len(xb))
+            estimator.on_step(1 / len(xb))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        values.append(estimator.estimate(model, F.cross_entropy, (x, y)).value)
+        estimator.detach()
+    assert values[1] == pytest.approx(values[0], rel=1e-5)
+    assert values[2] == pytest.approx(values[0], rel=1e-5)
+
+
+def test_inplace_activation_after_batchnorm_is_measured_before_it():
+    # ResNet blocks apply ReLU(inplace=True) to BatchNorm's output; the hook must see the gradient
+    # that reaches BatchNorm's output, not the ReLU's.
+    def make(inplace):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=inplace), nn.Conv2d(4, 3, 3),
+                             nn.BatchNorm2d(3), nn.ReLU(inplace=inplace), nn.Flatten(), nn.Linear(3, 2))
+    x, y = torch.randn(5, 2, 5, 5), torch.randint(0, 2, (5,))
+    reference = rows_oracle(make(False), x, y)
+    ours = per_sample_sq_norms(make(True), F.cross_entropy, x, y)
+    assert_norms_match(ours, reference)
+
+
+def test_shared_parameters_are_an_error_naming_both_modules():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.out = nn.Linear(4, 10, bias=False)
+            self.out.weight = self.embed.weight
+
+        def forward(self, tokens):
+            return self.out(self.embed(tokens).mean(1))
+
+    with pytest.raises(UserError, match=r"embed\.weight is used by 'embed', 'out'.*exclude: \['embed', 'out'\]"):
+        ExactEstimator().attach(Tied())
+    auto = per_sample_sq_norms(Tied(), F.cross_entropy, torch.randint(0, 10, (3, 5)), torch.randint(0, 10, (3,)),
+                               method="auto")  # torch.func handles them
+    assert auto.total.shape == (3,)
+
+
+def test_weights_used_without_calling_the_module_are_an_error_at_the_first_step():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.aux = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x) + F.linear(x, self.aux.weight)
+
+    model = Functional()
+    estimator = ExactEstimator()
+    estimator.attach(model)
+    F.cross_entropy(model(torch.randn(4, 4)), torch.tensor([0, 1, 2, 0])).backward()
+    estimator.on_backward(0.25)
+    with pytest.raises(UserError, match=r"'aux' \(Linear\).*never called"):
+        estimator.on_step(0.25)
+    estimator.detach()
+
+
+def test_a_batch_folded_into_another_dimension_is_an_error():
+    class Folded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):  # (B, T, 4) -> (B*T, 4): per-row norms would not be per-sample norms
+            return self.fc(x.reshape(-1, 4)).reshape(x.shape[0], -1).sum(1, keepdim=True)
+
+    estimator = ExactEstimator()
+    model = Folded()
+    estimator.attach(model)
+    with pytest.raises(UserError, match=r"batch-first.*'fc' \(Linear\) received shape \(12, 4\).*3 samples"):
+        model(torch.randn(3, 4, 4))
+    estimator.detach()
+
+
+def test_weight_norm_and_custom_subclasses_are_not_mistaken_for_supported_layers():
+    class MyLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    assert kernels.kernel_for(MyLinear(2, 2)) is None
+    assert kernels.kernel_for(nn.utils.weight_norm(nn.Linear(2, 2))) is None
+    assert kernels.kernel_for(nn.Embedding(4, 2, sparse=True)) is None
+    assert kernels.kernel_for(nn.Linear(2, 2)) is not None
+    with pytest.raises(UserError, match="MyLinear"):
+        ExactEstimator().attach(nn.Sequential(MyLinear(2, 2)))
+
+
+def test_frozen_parameters_are_left_out():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.PReLU(), nn.Linear(5, 3))
+    model[2].weight.requires_grad_(False)  # a frozen unsupported module needs no support
+    model[0].bias.requires_grad_(False)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    ours = per_sample_sq_norms(model, F.cross_entropy, x, y)
+    assert_norms_match(ours, func_oracle(model, x, y))
+
+
+# -- mixed precision ----------------------------------------------------------------------------------
+
+
+def test_half_precision_inputs_do_not_overflow():
+    # squares of these fp16 values overflow fp16 (max 65504); the kernels accumulate in float32
+    torch.manual_seed(0)
+    a = (torch.randn(4, 6, 64) * 300).half()
+    g = (torch.randn(4, 6, 32) * 300).half()
+    exact = torch.einsum("bto,bti->boi", g.double(), a.double()).square().sum((1, 2))
+    for form in ("ghost", "explicit"):
+        got = kernels.sum_outer_sq_norms(a, g, form)
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=0)
+    rank_one = kernels.sum_outer_sq_norms(a[:, :1], g[:, :1])
+    torch.testing.assert_close(rank_one.double(), exact.new_tensor(
+        [(a[i, 0].double().square().sum() * g[i, 0].double().square().sum()).item() for i in range(4)]), rtol=1e-4, atol=0)
+
+
+def test_bfloat16_autocast_training_gives_finite_float32_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 8 * 8, 10))
+    x, y = torch.randn(16, 3, 8, 8) * 50, torch.randint(0, 10, (16,))
+    reference = per_sample_sq_norms(model, F.cross_entropy, x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = per_sample_sq_norms(model, F.cross_entropy, x, y)
+    assert mixed.total.dtype == torch.float32 and torch.isfinite(mixed.total).all()
+    torch.testing.assert_close(mixed.total, reference.total, rtol=5e-2, atol=0)
+    # the online estimator with bf16 gradients accumulates its sums in float32
+    estimator = ExactEstimator()
+    estimator.attach(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), y, reduction="sum") / 16
+    loss.backward()
+    estimator.on_backward(1 / 16)
+    estimator.on_step(1 / 16)
+    est = estimator.estimate(model, F.cross_entropy, (x, y))
+    estimator.detach()
+    assert math.isfinite(est.value)
+    assert est.value == pytest.approx(reference.diversity(), rel=5e-2)
+
+
+def test_a_bfloat16_model_accumulates_in_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    x, y = torch.randn(12, 8), torch.randint(0, 4, (12,))
+    reference = per_sample_sq_norms(model, F.cross_entropy, x, y).diversity()
+    model = model.to(torch.bfloat16)
+    estimator = ExactEstimator()
+    estimator.attach(model)
+    (F.cross_entropy(model(x.bfloat16()).float(), y, reduction="sum") / 12).backward()
+    estimator.on_backward(1 / 12)
+    estimator.on_step(1 / 12)
+    est = estimator.estimate(model, F.cross_entropy, (x, y))
+    estimator.detach()
+    assert est.value == pytest.approx(reference, rel=5e-2)
