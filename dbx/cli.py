@@ -63,9 +63,10 @@ def main() -> None:
               help="MLflow store: sqlite:///path.db, a folder, or http://server. Default: the spec's "
                    "tracking.uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db.")
 @click.option("--experiment", default=None, help="MLflow experiment name. Default: tracking.experiment, else the spec's name.")
+@click.option("--dry-run", is_flag=True, help="List the runs the spec (and its sweep) would start, and start none.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 def run(spec_path: str, overrides: tuple[str, ...], device: str | None, tracking_uri: str | None,
-        experiment: str | None, debug: bool) -> None:
+        experiment: str | None, dry_run: bool, debug: bool) -> None:
     """Train the experiment described by SPEC (a YAML file) and log it to MLflow.
 
     \b
@@ -82,7 +83,31 @@ def run(spec_path: str, overrides: tuple[str, ...], device: str | None, tracking
 
     extra = [f"device={device}"] if device else []
     code = _guarded(debug, lambda: run_spec(spec_path, [*overrides, *extra], tracking_uri=tracking_uri,
-                                            experiment=experiment, say=click.echo))
+                                            experiment=experiment, say=click.echo,
+                                            dry_run=dry_run))
+    sys.exit(code or 0)
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--tracking-uri", default=None, metavar="URI",
+              help="The MLflow store the run is in. Default: $MLFLOW_TRACKING_URI, else ./mlflow.db.")
+@click.option("--device", type=str, default=None, metavar="auto|cpu|cuda[:N]", help="Override the run's device.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def resume(run_id: str, tracking_uri: str | None, device: str | None, debug: bool) -> None:
+    """Continue a killed, failed or interrupted run from its newest intact checkpoint.
+
+    \b
+    Example:
+      dbx resume 3f9c1a2b4d5e4f60a7b8c9d0e1f2a3b4
+
+    The run continues in the same MLflow run, at the epoch after its last checkpoint, with the
+    same data order and random numbers, so it ends as an uninterrupted run would. A damaged
+    checkpoint is skipped (with a warning) in favour of the one before it.
+    """
+    from dbx.runner import resume_run
+
+    code = _guarded(debug, lambda: resume_run(run_id, tracking_uri=tracking_uri, device=device, say=click.echo))
     sys.exit(code or 0)
 
 
@@ -118,19 +143,150 @@ def validate(spec_paths: tuple[str, ...], overrides: tuple[str, ...], debug: boo
         sys.exit(2)
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--check", is_flag=True, help="Also import every plugin and report each one that fails.")
-def plugins(check: bool) -> None:
+@click.pass_context
+def plugins(ctx: click.Context, check: bool) -> None:
     """List every registered plugin per group, with the package and version that provides it.
 
     Plugins are entry points in the groups dbx.policies, dbx.estimators, dbx.models and
     dbx.datasets; a pip-installed package that declares one is found with no change to dbx.
     The NAME column is what a spec uses, e.g. policy: {name: divebatch}.
+
+    \b
+    Write your own:  dbx plugins new policy myrule   (then see docs/plugins.md)
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from dbx.checks import plugin_table
 
     exit_code = plugin_table(check=check, echo=click.echo)
     sys.exit(exit_code)
+
+
+@plugins.group()
+def new() -> None:
+    """Start a plugin of your own: a ready-to-install package with a test, from a template."""
+
+
+@new.command("policy")
+@click.argument("name")
+@click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Folder in which to create the package folder dbx-NAME.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def new_policy(name: str, directory: str, debug: bool) -> None:
+    """Write a batch-size policy package NAME: setup.cfg with the entry point, a documented
+    policy module, a test that runs dbx's contract checks, an example spec and a README.
+
+    \b
+    Example:
+      dbx plugins new policy myrule
+      pip install -e dbx-myrule && pytest dbx-myrule && dbx run dbx-myrule/example.yaml
+    """
+    from dbx.scaffold import new_policy_package
+
+    folder = _guarded(debug, lambda: new_policy_package(name, directory))
+    click.echo(f"created {folder}")
+    click.echo("next:")
+    click.echo(f"  pip install -e {folder}        # registers policy {name!r} with dbx")
+    click.echo(f"  pytest {folder}                # the contract checks and your rule's tests")
+    click.echo(f"  dbx run {folder}/example.yaml  # a one-minute run, logged to MLflow")
+
+
+@main.command()
+@click.option("--experiment", default=None, metavar="NAME", help="Compare every run of this MLflow experiment.")
+@click.option("--parent", default=None, metavar="RUN_ID", help="Compare the runs of this sweep (its parent run id). "
+              "Default, when neither is given: the latest sweep in the store.")
+@click.option("--tracking-uri", default=None, metavar="URI",
+              help="MLflow store, as in `dbx run`. Default: $MLFLOW_TRACKING_URI, else ./mlflow.db.")
+@click.option("--group-by", default="name", show_default=True, metavar="KEY[,KEY]",
+              help="What makes a group: 'name' (the run name without -seedN, e.g. divebatch), a param "
+                   "(policy.name), tags.KEY, or several joined by commas.")
+@click.option("--baseline", default=None, metavar="GROUP", help="The group speedups are measured against. "
+              "Default: the first group (the first value of the sweep).")
+@click.option("--target", type=float, default=None, metavar="ACC",
+              help="Common target test accuracy, a fraction (0.9). Default: the baseline's final accuracy minus 1 point.")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
+              show_default=True)
+@click.option("--plot", "plot_path", default=None, metavar="OUT.png",
+              help="Also draw accuracy (against epochs and seconds), batch size and lr, one line per group.")
+@click.option("--log", "log_to_parent", is_flag=True,
+              help="Attach the table and the plots to the sweep's parent run (they show in the MLflow UI).")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def compare(experiment: str | None, parent: str | None, tracking_uri: str | None, group_by: str,
+            baseline: str | None, target: float | None, fmt: str, plot_path: str | None, log_to_parent: bool,
+            debug: bool) -> None:
+    """Compare groups of runs (policies, over seeds): did one reach good accuracy sooner?
+
+    \b
+    Examples:
+      dbx compare                                     # the latest sweep in ./mlflow.db
+      dbx compare --experiment synthetic --format markdown --plot curves.png
+      dbx compare --parent 3f2a... --group-by policy.name --baseline fixed --target 0.93
+
+    Per group, mean and standard error over seeds: final and best test accuracy; epochs and
+    training seconds to the group's own final accuracy minus 1 point, on the seed-averaged curve
+    (the DiveBatch paper's metric); epochs and seconds to a common target accuracy (the fairer
+    one), also with evaluation time; speedups against the baseline. Exit code 2 when there is
+    nothing to compare.
+    """
+    from dbx import report, tracking
+
+    def action() -> None:
+        if experiment and parent:
+            raise UserError("give --experiment or --parent, not both")
+        uri = tracking.resolve_tracking_uri(tracking_uri)
+        comparison = report.load_comparison(uri, experiment=experiment, parent=parent, group_by=group_by,
+                                            baseline=baseline, target=target)
+        click.echo(report.render(comparison, fmt), nl=False)
+        if plot_path:
+            report.save_plot(comparison, plot_path)
+            click.echo(f"plots: {plot_path}", err=True)
+        if log_to_parent:
+            if len(comparison.parents) != 1:
+                raise UserError("--log attaches to a sweep's parent run, but these runs have "
+                                f"{len(comparison.parents) or 'no'} parents; compare one sweep with --parent RUN_ID")
+            report.attach(comparison, uri, comparison.parents[0])
+            click.echo(f"attached to run {comparison.parents[0]}: comparison/comparison.md, "
+                       "comparison/curves.png", err=True)
+
+    _guarded(debug, action)
+
+
+@main.command()
+@click.option("--tracking-uri", default=None, metavar="URI",
+              help="MLflow store, as in `dbx run`. Default: $MLFLOW_TRACKING_URI, else ./mlflow.db.")
+@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def ui(tracking_uri: str | None, port: int, debug: bool) -> None:
+    """Start the MLflow UI on the store dbx uses, on 127.0.0.1, and print its address.
+
+    \b
+    Example:
+      dbx ui                      # then open http://127.0.0.1:5000
+      dbx ui --tracking-uri sqlite:////data/runs/mlflow.db --port 5001
+
+    The experiments dbx creates open on MLflow's training-runs view; a sweep is a parent run
+    with its points nested under it, and `dbx compare --log` puts the comparison on the parent.
+    Stop it with Ctrl-C.
+    """
+    import subprocess
+    from pathlib import Path
+
+    from dbx import tracking
+
+    def action() -> int:
+        uri = tracking.resolve_tracking_uri(tracking_uri)
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+            raise UserError(f"there is no MLflow store at {uri}. Run `dbx run SPEC` first, or pass the store "
+                            f"with --tracking-uri.")
+        click.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}  (Ctrl-C to stop)")
+        try:
+            return subprocess.call(tracking.ui_argv(uri, port=port))
+        except KeyboardInterrupt:
+            return 0
+
+    sys.exit(_guarded(debug, action) or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,7 +1,8 @@
-"""Figures a person would rather look at than read: one run's curves against epochs."""
+"""Figures a person would rather look at than read: one run's curves against epochs, and the
+comparison of several groups of runs (``dbx compare --plot``)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 
 def training_curves(history: list[dict[str, float]]) -> Any:
@@ -35,3 +36,61 @@ def training_curves(history: list[dict[str, float]]) -> Any:
         ax.set_xlabel("epoch")
     figure.tight_layout()
     return figure
+
+
+def comparison_curves(groups: Sequence[Any], *, target: float | None = None) -> Any:
+    """A 2x2 figure, one line per group with a band of +-1 standard error over seeds: test accuracy
+    against epochs and against wall seconds (training and evaluation), batch size and lr against
+    epochs. ``groups`` are ``dbx.report.GroupCurves``: ``label``, ``epochs`` and ``series``
+    (metric -> (mean per epoch, standard error per epoch))."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    (acc_ax, time_ax), (batch_ax, lr_ax) = axes
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, group in enumerate(groups):
+        color = colors[index % len(colors)]
+        epochs = group.epochs
+        series = group.series
+        if "test_accuracy" in series:
+            mean, se = series["test_accuracy"]
+            _line_with_band(acc_ax, epochs, mean, se, color, group.label)
+            if "wall_seconds" in series:
+                seconds = series["wall_seconds"][0]
+                _line_with_band(time_ax, seconds, mean, se, color, group.label)
+        if "batch_size" in series:
+            _line_with_band(batch_ax, epochs, *series["batch_size"], color, group.label, step=True)
+        if "lr" in series:
+            _line_with_band(lr_ax, epochs, *series["lr"], color, group.label)
+    for ax in (acc_ax, time_ax):
+        ax.set_ylabel("test accuracy")
+        if target is not None:
+            ax.axhline(target, color="grey", linestyle=":", linewidth=1, label="common target")
+    acc_ax.set_xlabel("epoch")
+    time_ax.set_xlabel("wall seconds (training + evaluation, mean over seeds)")
+    batch_ax.set_ylabel("batch size")
+    batch_ax.set_yscale("log", base=2)
+    lr_ax.set_ylabel("learning rate")
+    for ax in (batch_ax, lr_ax):
+        ax.set_xlabel("epoch")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    acc_ax.legend(fontsize=8)
+    figure.suptitle("mean over seeds, band: ±1 standard error")
+    figure.tight_layout()
+    return figure
+
+
+def _line_with_band(ax: Any, x: Sequence[float], mean: Sequence[float], se: Sequence[float], color: str,
+                    label: str, step: bool = False) -> None:
+    low = [m - s for m, s in zip(mean, se)]
+    high = [m + s for m, s in zip(mean, se)]
+    if step:
+        ax.step(x, mean, where="post", color=color, label=label)
+        ax.fill_between(x, low, high, step="post", color=color, alpha=0.2, linewidth=0)
+    else:
+        ax.plot(x, mean, color=color, label=label)
+        ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0)

@@ -6,47 +6,134 @@ MLflow run is created, so a bad spec leaves no trace in the store.
 from __future__ import annotations
 
 import json
-from typing import Callable, Sequence
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 from dbx.checks import check_spec_file, describe_plugins
-from dbx.errors import RunFailed
+from dbx.errors import RunFailed, UserError
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class RunResult:
+    exit_code: int  # 0 finished, 1 failed, 130 interrupted
+    run_id: str | None = None
+    summary: dict[str, Any] | None = None
 
 
 def run_spec(path: str, overrides: Sequence[str] = (), *, tracking_uri: str | None = None,
-             experiment: str | None = None, say: Callable[[str], None] = print) -> int:
-    """Run the spec at ``path``; return the exit code (0 finished, 1 failed, 130 interrupted)."""
+             experiment: str | None = None, say: Say = print, dry_run: bool = False) -> int:
+    """Run the spec at ``path`` (each point of its sweep, if it has one); return the exit code."""
     spec = check_spec_file(path, overrides)
-
-    import torch
-
+    if dry_run:
+        return describe_points(spec, say)
     from dbx import tracking
-    from dbx.train.device import device_name, resolve_device
-    from dbx.train.loop import fit
+
+    uri = tracking.resolve_tracking_uri(tracking_uri, spec.tracking.uri)
+    if spec.sweep:
+        from dbx.sweep import run_sweep
+
+        return run_sweep(spec, uri=uri, experiment=experiment, say=say)
+    return run_one(spec, uri=uri, experiment=experiment, say=say).exit_code
+
+
+def run_one(spec: Any, *, uri: str, experiment: str | None = None, say: Say = print,
+            parent_run_id: str | None = None, run_name: str | None = None) -> RunResult:
+    """Train one (sweep-free) spec into a new MLflow run.
+
+    Input errors (device, store, data, plugin construction) raise ``UserError`` before any run
+    exists. A failure during training marks the run FAILED and raises ``RunFailed``; Ctrl-C marks
+    it KILLED and returns exit code 130.
+    """
+    _quiet_mlflow()
+    from dbx import tracking
+    from dbx.train.loop import RunState
     from dbx.train.parts import build_parts
 
-    device = resolve_device(spec.device)
-    uri = tracking.resolve_tracking_uri(tracking_uri, spec.tracking.uri)
+    device, label = _device(spec)
     tracking.check_store(uri)
     parts = build_parts(spec, device)
-    label = f"{device.type} ({device_name(device)}), torch {torch.__version__}"
-    run_name = f"{spec.name}-seed{spec.seed}"
+    run_name = run_name or f"{spec.name}-seed{spec.seed}"
     tracked = tracking.open_run(spec, uri=uri, experiment=experiment, run_name=run_name,
-                                device_label=label, plugins=describe_plugins(spec))
+                                device_label=label, plugins=describe_plugins(spec), parent_run_id=parent_run_id)
     say(f"run {run_name} ({tracked.run_id}) on {label}")
     say(f"tracking: {uri}   browse with: {tracking.ui_command(uri)}")
     say(f"data: {parts.train_loader.num_samples} training samples; model: {spec.model.name} "
         f"({sum(p.numel() for p in parts.model.parameters()):,} parameters); policy: {spec.policy.name}")
-
-    from dbx.train.loop import RunState
-
     state = RunState(batch_size=parts.policy.initial_batch_size())
+    return _train(spec, parts, tracked, state, say)
+
+
+def resume_run(run_id: str, *, tracking_uri: str | None = None, device: str | None = None,
+               say: Say = print) -> int:
+    """Continue run ``run_id`` from its newest intact checkpoint, in the same MLflow run."""
+    _quiet_mlflow()
+    from dbx import tracking
+    from dbx.spec import spec_from_dict
+    from dbx.train.checkpoint import load_latest, restore
+    from dbx.train.parts import build_parts
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    run = tracking.find_run(uri, run_id)
+    folder = run.data.tags.get("dbx.checkpoint.dir")
+    with warnings.catch_warnings(record=True) as skipped:
+        warnings.simplefilter("always")
+        latest = load_latest(folder) if folder else None
+    for warning in skipped:
+        say(f"warning: {warning.message}")
+    if latest is None:
+        where = f" in {folder}" if folder else ""
+        raise UserError(f"run {run_id} has no checkpoint{where} to resume from; start it again with dbx run.")
+    path, payload = latest
+    data = payload["spec"]
+    if device:
+        data = {**data, "device": device}
+    spec = spec_from_dict(data, source=f"the spec saved in {path.name}")
+    device_, label = _device(spec)
+    parts = build_parts(spec, device_)
+    state = restore(parts, payload)
+    if state.epoch >= spec.epochs:
+        raise UserError(f"run {run_id} already completed all {spec.epochs} epochs; nothing to resume.")
+    tracked = tracking.reopen_run(uri, run_id, state.history)
+    say(f"resuming run {run.info.run_name} ({run_id}) after epoch {state.epoch}, from {path}, on {label}")
+    return _train(spec, parts, tracked, state, say).exit_code
+
+
+def _device(spec: Any) -> tuple[Any, str]:
+    import torch
+
+    from dbx.train.device import device_name, resolve_device
+
+    device = resolve_device(spec.device)
+    return device, f"{device.type} ({device_name(device)}), torch {torch.__version__}"
+
+
+def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say) -> RunResult:
+    """Run the loop with end-of-epoch checkpoints; close the MLflow run with the right status."""
+    from dbx import tracking
+    from dbx.train.checkpoint import save_checkpoint, snapshot
+    from dbx.train.loop import fit
+
+    on_epoch_end = None
+    if spec.checkpoint.enabled:
+        folder = tracking.checkpoint_folder(tracked.uri, spec.checkpoint.dir, tracked.run_id)
+        tracked.set_tags({"dbx.checkpoint.dir": str(folder)})
+
+        def on_epoch_end(current: Any) -> None:
+            save_checkpoint(folder, current.epoch, snapshot(spec, parts, current), spec.checkpoint.keep_last)
+
+    resume_hint = f"resume with: dbx resume {tracked.run_id} --tracking-uri {tracked.uri}"
     try:
-        summary = fit(spec, parts, tracked, say=say, state=state)
+        summary = fit(spec, parts, tracked, say=say, state=state, on_epoch_end=on_epoch_end)
     except KeyboardInterrupt:
         tracked.finish("KILLED", history=state.history, step=state.epoch,
-                       failure={"reason": "interrupted", "epoch": state.epoch})
-        say(f"interrupted after epoch {state.epoch}; run {tracked.run_id} marked KILLED")
-        return 130
+                       failure={"reason": "interrupted", "epoch": state.epoch + 1})
+        say(f"interrupted in epoch {state.epoch + 1}; run {tracked.run_id} marked KILLED. "
+            + (resume_hint if on_epoch_end else ""))
+        return RunResult(130, tracked.run_id)
     except RunFailed as exc:
         tracked.finish("FAILED", history=state.history, step=state.epoch,
                        failure={"reason": exc.reason, "message": str(exc), "epoch": exc.epoch, "step": exc.step})
@@ -55,9 +142,26 @@ def run_spec(path: str, overrides: Sequence[str] = (), *, tracking_uri: str | No
         tracked.finish("FAILED", history=state.history, step=state.epoch,
                        failure={"reason": "exception", "message": f"{type(exc).__name__}: {exc}",
                                 "epoch": state.epoch + 1})
-        raise RunFailed(f"{type(exc).__name__}: {exc}", reason="exception") from exc
+        raise RunFailed(f"{type(exc).__name__}: {exc}", reason="exception", epoch=state.epoch + 1) from exc
     tracked.finish("FINISHED", summary=summary.to_dict(), history=state.history, step=state.epoch)
     say("summary: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                   for k, v in summary.to_dict().items()}))
-    say(f"done. browse with: {tracking.ui_command(uri)}")
+    say(f"done. browse with: {tracking.ui_command(tracked.uri)}")
+    return RunResult(0, tracked.run_id, summary.to_dict())
+
+
+def describe_points(spec: Any, say: Say) -> int:
+    """What ``dbx run`` would train, one line per run, without starting anything."""
+    from dbx.spec import expand_sweep
+
+    points = expand_sweep(spec)
+    for index, (label, point) in enumerate(points, 1):
+        say(f"{index:>3}. {point.name}-seed{point.seed}  {label or '(single run)'}  "
+            f"policy={point.policy.name} epochs={point.epochs}")
+    say(f"{len(points)} run(s); nothing was started (--dry-run)")
     return 0
+
+
+def _quiet_mlflow() -> None:
+    """MLflow's INFO lines (table creation, system-metrics thread) drown the epoch lines."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)

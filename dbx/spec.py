@@ -192,6 +192,16 @@ class TrackingSpec(_Section):
     system_metrics: StrictBool = Field(True, description="log CPU/GPU/memory use alongside the run")
 
 
+class CheckpointSpec(_Section):
+    """End-of-epoch checkpoints, so that a killed run can be resumed with ``dbx resume RUN_ID``."""
+
+    enabled: StrictBool = Field(True, description="write a checkpoint at the end of every epoch")
+    keep_last: PositiveInt = Field(2, description="how many of the newest checkpoints to keep")
+    dir: StrictStr | None = Field(
+        None, description="folder for checkpoints; null: beside the MLflow store (dbx-checkpoints/<run id>)"
+    )
+
+
 def _sweep_key_problem(key: str) -> str | None:
     path = _split_sweep_key(key)
     return "a sweep cannot vary 'sweep' itself" if path[0] == "sweep" else _path_problem(path)
@@ -234,6 +244,10 @@ class Spec(_Section):
         None, description="largest physical batch; larger logical batches are accumulated"
     )
     eval_batch_size: PositiveInt = Field(1024, description="batch size for evaluation")
+    on_nonfinite: Literal["stop", "skip_step"] = Field(
+        "stop", description="a NaN/inf loss: stop the run as FAILED, or skip that optimizer step"
+    )
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="checkpoints for resuming")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow settings")
     sweep: dict[SweepKey, SweepValues] | None = Field(
         None, description="grid of runs: dotted key path -> list of values, e.g. {seed: [0, 1, 2]}"

@@ -131,8 +131,11 @@ class TrackedRun:
     uri: str
     _monitor: Any = None
     _pending: list[Any] = field(default_factory=list)
+    already_logged: set[int] = field(default_factory=set)  # epochs a resumed run must not log twice
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        if epoch in self.already_logged:
+            return  # a resume that fell back to an older checkpoint redoes an epoch the store has
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -212,6 +215,55 @@ def open_run(spec: Any, *, uri: str, experiment: str | None, run_name: str, devi
     return tracked
 
 
+def checkpoint_folder(uri: str, configured: str | None, run_id: str) -> Path:
+    """Where a run's checkpoints go: the spec's checkpoint.dir, else beside a local store."""
+    if configured:
+        base = Path(configured).expanduser()
+    elif uri.startswith("sqlite:///"):
+        base = Path(uri[len("sqlite:///"):]).parent / "dbx-checkpoints"
+    elif "://" not in uri:
+        base = Path(uri).parent / "dbx-checkpoints"
+    else:
+        base = Path("dbx-checkpoints")
+    return (base / run_id).resolve()
+
+
+def find_run(uri: str, run_id: str) -> Any:
+    """The MLflow run ``run_id`` in the store at ``uri``, or a UserError (creating nothing)."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise UserError(f"there is no MLflow store at {uri}, so no run {run_id} to resume. "
+                        f"Pass the store the run was logged to with --tracking-uri.")
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"no run {run_id!r} in {uri}. Check the id in the MLflow UI ({ui_command(uri)}), "
+                        f"or pass the right store with --tracking-uri.") from None
+
+
+def reopen_run(uri: str, run_id: str, history: list[dict[str, float]]) -> TrackedRun:
+    """Continue logging into an existing run: status RUNNING again, and the epochs it is missing.
+
+    A run killed between its checkpoint and its metrics has epochs in ``history`` that the store
+    lacks; they are logged now, so every epoch appears exactly once.
+    """
+    client = _client(uri)
+    run = client.get_run(run_id)
+    client.update_run(run_id, status="RUNNING")
+    tracked = TrackedRun(client, run_id, run.info.experiment_id, uri)
+    logged = {m.step for m in client.get_metric_history(run_id, "epoch_seconds")}
+    for entry in history:
+        if int(entry["epoch"]) not in logged:
+            tracked.log_epoch(int(entry["epoch"]), {k: v for k, v in entry.items() if k != "epoch"})
+    tracked.already_logged = logged
+    system_metrics = run.data.params.get("tracking.system_metrics", "False").lower() == "true"
+    if system_metrics:
+        tracked._monitor = _start_system_metrics(run_id, uri)
+    return tracked
+
+
 def _start_system_metrics(run_id: str, uri: str) -> Any:
     """MLflow's own CPU/memory/GPU sampler, every 10 s, in a background thread."""
     try:
@@ -222,3 +274,135 @@ def _start_system_metrics(run_id: str, uri: str) -> Any:
         return monitor
     except Exception:  # noqa: BLE001 - system metrics are a nicety; never fail a run for them
         return None
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps, comparisons and the UI
+# --------------------------------------------------------------------------------------------
+
+SWEEP_TAG = "dbx.sweep"  # "true" on a sweep's parent run
+
+
+def open_sweep_run(spec: Any, *, uri: str, experiment: str | None, points: dict[str, str]) -> TrackedRun:
+    """The parent run of a sweep, named after the spec: its params and files, and its points
+    (run name -> varied values) as ``sweep/points.txt``. The children name it as their parent."""
+    from mlflow.entities import Param
+
+    import dbx
+
+    client = _client(uri)
+    experiment_id = ensure_experiment(client, uri, experiment or spec.tracking.experiment or spec.name)
+    tags = {SWEEP_TAG: "true", "dbx.spec.name": spec.name, "dbx.version": dbx.__version__,
+            "dbx.sweep.points": str(len(points))}
+    commit = _git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    run = client.create_run(experiment_id, tags=tags, run_name=spec.name)
+    tracked = TrackedRun(client, run.info.run_id, experiment_id, uri)
+    params = [Param(k, v[:6000]) for k, v in spec.flat_params().items()]
+    for i in range(0, len(params), MAX_PARAMS):
+        client.log_batch(run.info.run_id, params=params[i:i + MAX_PARAMS])
+    if spec.source_text:
+        tracked.log_text(spec.source_text, f"spec/{Path(spec.source_path or 'spec.yaml').name}")
+    tracked.log_text(spec.resolved_yaml(), "spec/resolved.yaml")
+    tracked.log_text("".join(f"{name}  {label}\n" for name, label in points.items()), "sweep/points.txt")
+    return tracked
+
+
+def record_failed_point(spec: Any, *, uri: str, experiment: str | None, run_name: str, parent_run_id: str,
+                        message: str) -> str:
+    """A FAILED child run for a sweep point whose own input was wrong, so the UI shows the point
+    and why; nothing was trained for it. Returns the run id."""
+    from mlflow.entities import Param
+
+    client = _client(uri)
+    experiment_id = ensure_experiment(client, uri, experiment or spec.tracking.experiment or spec.name)
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={"mlflow.parentRunId": parent_run_id, "dbx.spec.name": spec.name,
+                                  "dbx.failure.reason": "input", "dbx.failure.message": message[:5000]})
+    params = [Param(k, v[:6000]) for k, v in spec.flat_params().items()]
+    for i in range(0, len(params), MAX_PARAMS):
+        client.log_batch(run.info.run_id, params=params[i:i + MAX_PARAMS])
+    client.set_terminated(run.info.run_id, status="FAILED")
+    return run.info.run_id
+
+
+@dataclass
+class RunRecord:
+    """One run as ``dbx compare`` reads it: who it is, and its per-epoch metrics (step -> value)."""
+
+    run_id: str
+    name: str
+    status: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    history: dict[str, dict[int, float]]
+
+
+COMPARED_METRICS = ("test_accuracy", "epoch_seconds", "eval_seconds", "train_seconds", "wall_seconds",
+                    "batch_size", "lr")
+
+
+def runs_to_compare(uri: str, *, experiment: str | None = None, parent: str | None = None) -> tuple[str, list[RunRecord]]:
+    """The training runs of a sweep (``parent``), of an experiment, or else of the latest sweep in
+    the store, oldest first, with their per-epoch metrics. Returns a description of the selection
+    too. Sweep parents themselves are left out. A store, experiment or run that is not there is a
+    UserError."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise UserError(f"there is no MLflow store at {uri}. Run `dbx run SPEC` first, or pass the store "
+                        f"with --tracking-uri.")
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    order = ["attributes.start_time ASC"]
+    if parent is None and experiment is None:
+        ids = [e.experiment_id for e in client.search_experiments()]
+        latest = client.search_runs(ids, f"tags.`{SWEEP_TAG}` = 'true'", order_by=["attributes.start_time DESC"],
+                                    max_results=1) if ids else []
+        if not latest:
+            raise UserError(f"no sweep in {uri}: name the runs to compare with --experiment NAME or --parent RUN_ID.")
+        parent = latest[0].info.run_id
+    if parent is not None:
+        try:
+            parent_run = client.get_run(parent)
+        except MlflowException:
+            raise UserError(f"no run {parent!r} in {uri}. Copy the sweep's run id from `dbx run`'s output "
+                            f"or the MLflow UI, or pass the right store with --tracking-uri.") from None
+        found = client.search_runs([parent_run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'",
+                                   order_by=order, max_results=5000)
+        what = f"sweep {parent_run.info.run_name} ({parent})"
+        if not found:
+            raise UserError(f"{what} in {uri} has no runs under it; give a sweep's parent run id, or use "
+                            f"--experiment NAME.")
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            names = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
+            raise UserError(f"no experiment {experiment!r} in {uri} (experiments there: {names}).")
+        found = [r for r in client.search_runs([exp.experiment_id], order_by=order, max_results=5000)
+                 if r.data.tags.get(SWEEP_TAG) != "true"]
+        what = f"experiment {experiment}"
+        if not found:
+            raise UserError(f"{what} in {uri} has no runs. Train some first, e.g. dbx run experiments/synthetic/sweep.yaml")
+    records = []
+    for run in found:
+        history = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+                   for key in COMPARED_METRICS}
+        records.append(RunRecord(run.info.run_id, run.info.run_name or run.info.run_id, run.info.status,
+                                 dict(run.data.params), dict(run.data.tags), history))
+    return what, records
+
+
+def log_files(uri: str, run_id: str, files: dict[str, str]) -> None:
+    """Attach local files to a run as artifacts: artifact path (folder/name) -> local path."""
+    client = _client(uri)
+    for artifact_path, local in files.items():
+        folder = str(Path(artifact_path).parent)
+        client.log_artifact(run_id, local, None if folder == "." else folder)
+
+
+def ui_argv(uri: str, *, port: int, host: str = "127.0.0.1") -> list[str]:
+    """The ``mlflow ui`` command line for the store ``uri``, from the Python that runs dbx."""
+    import sys
+
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]

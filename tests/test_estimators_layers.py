@@ -13,7 +13,9 @@ tokens and a padding index) and Linear over sequences; each is checked with the 
 """
 from __future__ import annotations
 
+import copy
 import math
+import os
 
 import pytest
 import torch
@@ -27,7 +29,9 @@ from dbx.estimators import ExactEstimator, per_sample_grads_func, per_sample_sq_
 from dbx.estimators import kernels
 
 FORMS = st.sampled_from(["auto", "ghost", "explicit"])
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# A handful of random models per test keeps the suite fast; DBX_RANDOM_MODELS=300 digs deeper.
+SETTINGS = settings(max_examples=int(os.environ.get("DBX_RANDOM_MODELS", "15")), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 
 # -- oracles -------------------------------------------------------------------------------------------
@@ -74,11 +78,13 @@ def rows_oracle(model, x, y, loss_fn=F.cross_entropy):
 
 
 def assert_norms_match(ours, oracle, rtol=1e-4):
+    """Relative agreement per layer; a layer whose norms vanish (e.g. a scale-invariant weight under
+    a normalisation) is compared at the scale of the whole model's norms."""
     assert set(ours.per_layer) == set(oracle), (sorted(ours.per_layer), sorted(oracle))
+    scale = max(v.abs().max().item() for v in oracle.values()) + 1e-30
     for path, expected in oracle.items():
         got = ours.per_layer[path].double()
-        scale = expected.abs().max().item() + 1e-30
-        torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol * scale, msg=f"layer {path}")
+        torch.testing.assert_close(got, expected, rtol=rtol, atol=1e-6 * scale, msg=f"layer {path}")
 
 
 # -- random models -----------------------------------------------------------------------------------
@@ -101,7 +107,8 @@ def conv_block(draw, dims, c_in, size, allow_bn):
     numeric = {"valid": 0}.get(padding, padding)
     if padding == "same":
         numeric = max(dilation * (k - 1) for k in kernel)
-    assume(mode == "zeros" or (numeric < size and padding != "same") or (padding == "same" and numeric < 2 * size))
+    per_side = -(-numeric // 2) if padding == "same" else numeric  # "same" splits the total padding
+    assume(mode == "zeros" or per_side < size)  # reflect/replicate/circular pad less than the input
     if padding == "same":
         new = size
     else:
@@ -117,7 +124,10 @@ def conv_block(draw, dims, c_in, size, allow_bn):
     if norm == "bn":
         layers.append((nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(c_out))
     elif norm == "gn":
-        layers.append(nn.GroupNorm(draw(st.sampled_from([g for g in (1, 2, 3) if c_out % g == 0])), c_out))
+        # GroupNorm needs more than one value per group (of one sample)
+        choices = [g for g in (1, 2, 3) if c_out % g == 0 and c_out // g * new ** dims > 1]
+        assume(choices)
+        layers.append(nn.GroupNorm(draw(st.sampled_from(choices)), c_out))
     elif norm == "in":
         layers.append((nn.InstanceNorm1d if dims == 1 else nn.InstanceNorm2d)(c_out, affine=True))
     elif norm == "ln":
@@ -287,8 +297,7 @@ def test_micro_batching_does_not_change_the_result():
     x, y = torch.randn(30, 3, 7, 7), torch.randint(0, 5, (30,))
     values = []
     for micro in (12, 5, 1):
-        model = nn.Sequential(*[m for m in base])
-        model.load_state_dict(base.state_dict())
+        model = copy.deepcopy(base)
         estimator = ExactEstimator()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         estimator.attach(model)

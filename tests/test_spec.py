@@ -321,6 +321,14 @@ def test_a_plugin_given_as_a_bare_name_says_how_to_write_it():
     assert problem.message == "expected a mapping, got 'exact' (str); write {name: exact}"
 
 
+def test_spec_error_keeps_the_data_as_read_for_further_checks():
+    with pytest.raises(SpecError) as caught:
+        parse_spec(MINIMAL.replace("epochs: 3", "epochs: 0"), source="x.yaml", overrides=["policy.params.extra=1"])
+    assert caught.value.data["epochs"] == 0 and caught.value.data["policy"]["params"]["extra"] == 1
+    assert caught.value.where(("policy", "params", "batch_size")) == "x.yaml:12"
+    assert caught.value.where(("policy", "params", "extra")) == "--set policy.params.extra=1"
+
+
 def test_several_problems_are_reported_at_once_in_file_order(tmp_path):
     path = write(tmp_path, """\
         name: tiny

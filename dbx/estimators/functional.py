@@ -172,7 +172,10 @@ def _sq_rows(g: Tensor) -> Tensor:
 
 
 def _param_names(model: nn.Module) -> dict[int, str]:
-    return {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    names: dict[int, str] = {}
+    for name, p in model.named_parameters():  # a shared parameter goes by its first name
+        names.setdefault(id(p), name)
+    return names
 
 
 def _batch_size(inputs: Any) -> int:

@@ -65,8 +65,13 @@ class Summary:
 
 
 def fit(spec: Any, parts: Parts, tracker: Tracker, *, say: Callable[[str], None] = print,
-        state: RunState | None = None) -> Summary:
-    """Train ``parts.model`` for ``spec.epochs`` epochs with the policy's batch sizes."""
+        state: RunState | None = None, on_epoch_end: Callable[[RunState], None] | None = None) -> Summary:
+    """Train ``parts.model`` for ``spec.epochs`` epochs with the policy's batch sizes.
+
+    ``state`` continues a resumed run; ``on_epoch_end(state)`` (the checkpoint) runs after the
+    batch-size decision of each epoch and before its metrics are logged, so a run killed in
+    between re-logs nothing twice: the resume logs the epochs the store is missing.
+    """
     model, optimizer, policy, estimator = parts.model, parts.optimizer, parts.policy, parts.estimator
     loader = parts.train_loader
     state = state or RunState(batch_size=policy.initial_batch_size())
@@ -85,8 +90,9 @@ def fit(spec: Any, parts: Parts, tracker: Tracker, *, say: Callable[[str], None]
         if measuring:
             estimator.attach(model)
         with EpochProgress(f"epoch {epoch}/{spec.epochs}", total=len(loader)) as progress:
-            train_loss, train_acc, seen, steps = train_one_epoch(
-                parts, spec.max_micro_batch, estimator if measuring else None, progress.advance)
+            train_loss, train_acc, seen, steps, skipped, first_bad = train_one_epoch(
+                parts, spec.max_micro_batch, estimator if measuring else None, progress.advance,
+                skip_nonfinite=spec.on_nonfinite == "skip_step")
         diversity: DiversityEstimate | None = None
         if measuring:
             try:
@@ -95,11 +101,12 @@ def fit(spec: Any, parts: Parts, tracker: Tracker, *, say: Callable[[str], None]
                 estimator.detach()
         _synchronize(parts.device)
         epoch_seconds = time.perf_counter() - started
-        if not math.isfinite(train_loss):
+        if not math.isfinite(train_loss) or (skipped and skipped == steps):
+            step = state.optimizer_steps + (first_bad if first_bad >= 0 else steps)
             raise RunFailed(
-                f"training diverged in epoch {epoch}: the training loss is {train_loss} "
-                f"(lr {lr:g}, batch size {state.batch_size}). Lower optimizer.lr or use lr_scaling: sqrt.",
-                reason="nonfinite_loss", epoch=epoch, step=state.optimizer_steps + steps)
+                f"training diverged in epoch {epoch} at step {step}: the training loss is not finite "
+                f"(lr {lr:g}, batch size {state.batch_size}). Lower optimizer.lr, or use lr_scaling: sqrt.",
+                reason="nonfinite_loss", epoch=epoch, step=step)
 
         # --- evaluate ---------------------------------------------------------------------
         started = time.perf_counter()
@@ -122,6 +129,8 @@ def fit(spec: Any, parts: Parts, tracker: Tracker, *, say: Callable[[str], None]
         if train_acc is not None:
             metrics["train_accuracy"] = train_acc
             metrics["test_accuracy"] = test_acc
+        if spec.on_nonfinite == "skip_step":
+            metrics["skipped_steps"] = float(skipped)
         if diversity is not None:
             metrics["diversity"] = diversity.value
             metrics["estimator_seconds"] = diversity.seconds
@@ -134,33 +143,39 @@ def fit(spec: Any, parts: Parts, tracker: Tracker, *, say: Callable[[str], None]
             train_loss=train_loss, test_loss=test_loss, train_accuracy=train_acc, test_accuracy=test_acc)
         new_batch = _checked_batch_size(policy.next_batch_size(epoch_state, diversity), spec.policy.name)
         state.history.append({"epoch": epoch, **metrics})
-        tracker.log_epoch(epoch, metrics)
-        say(_epoch_line(spec, metrics, epoch))
-        if new_batch != state.batch_size:
+        changed = new_batch != state.batch_size
+        if changed:
             factor = rescale_factor(spec.lr_scaling, state.batch_size, new_batch)
             if hasattr(policy, "lr_factor"):
                 factor *= policy.lr_factor(state.batch_size, new_batch)
             state.lr_rescale *= factor
             state.batch_size = new_batch
             loader.set_batch_size(new_batch)
-            if epoch < spec.epochs:
-                say(_batch_line(spec, new_batch, _lr_for(spec, state, epoch + 1), f"after epoch {epoch}"))
+        if on_epoch_end is not None:
+            on_epoch_end(state)
+        tracker.log_epoch(epoch, metrics)
+        say(_epoch_line(spec, metrics, epoch))
+        if changed and epoch < spec.epochs:
+            say(_batch_line(spec, new_batch, _lr_for(spec, state, epoch + 1), f"after epoch {epoch}"))
 
     return summarize(spec, state)
 
 
-def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any,
-                    on_step: Callable[[], None]) -> tuple[float, float | None, int, int]:
-    """One pass over the training data. Returns mean loss, accuracy (None for regression), samples, steps.
+def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, on_step: Callable[[], None],
+                    *, skip_nonfinite: bool = False) -> tuple[float, float | None, int, int, int, int]:
+    """One pass over the training data.
 
-    Losses and correct counts are summed on the device and read once at the end, so the step
-    never waits for the device.
+    Returns the mean loss, accuracy (None for regression), samples, optimizer steps, steps
+    skipped for a non-finite loss, and the first step (0-based, -1 for none) whose loss was not
+    finite. Losses and correct counts are summed on the device and read once at the end, so the
+    step never waits for the device; only ``skip_nonfinite`` must look at each step's loss.
     """
     model, optimizer, loss_fn = parts.model, parts.optimizer, parts.loss_fn
     model.train()
     loss_sum = torch.zeros((), device=parts.device)
     correct = torch.zeros((), device=parts.device, dtype=torch.long)
-    seen = steps = 0
+    first_bad = torch.full((), -1, device=parts.device, dtype=torch.long)
+    seen = steps = skipped = 0
     for inputs, targets in parts.train_loader:
         batch = inputs.shape[0]
         loss_scale = 1.0 / batch  # the step's loss is the mean over the logical batch
@@ -168,24 +183,36 @@ def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any,
             chunks = zip(inputs.split(max_micro_batch), targets.split(max_micro_batch))
         else:
             chunks = ((inputs, targets),)
+        step_loss = torch.zeros((), device=parts.device)
+        step_correct = torch.zeros((), device=parts.device, dtype=torch.long)
         for x, y in chunks:
             outputs = model(x)
             loss = loss_fn(outputs, y, reduction="sum")
             (loss * loss_scale).backward()
             if estimator is not None:
                 estimator.on_backward(loss_scale)
-            loss_sum += loss.detach()
+            step_loss += loss.detach()
             if parts.classification:
-                correct += (outputs.detach().argmax(dim=1) == y).sum()
+                step_correct += (outputs.detach().argmax(dim=1) == y).sum()
+        if skip_nonfinite and not torch.isfinite(step_loss).item():
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            steps += 1
+            on_step()
+            continue
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), steps, first_bad)
         if estimator is not None:
             estimator.on_step(loss_scale)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        loss_sum += step_loss
+        correct += step_correct
         seen += batch
         steps += 1
         on_step()
+    seen = max(seen, 1)
     accuracy = correct.item() / seen if parts.classification else None
-    return loss_sum.item() / seen, accuracy, seen, steps
+    return loss_sum.item() / seen, accuracy, seen, steps, skipped, int(first_bad.item())
 
 
 @torch.no_grad()

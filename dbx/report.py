@@ -1,0 +1,447 @@
+"""Comparing runs: did a policy reach a good accuracy sooner? The numbers behind ``dbx compare``.
+
+Runs are grouped (by default by their name without ``-seedN``: a sweep point's varied values,
+e.g. ``divebatch``); seeds of one group are repeats. Per group, over its seeds, mean and standard
+error of:
+
+- the final test accuracy (last epoch) and the best;
+- the paper's metric (PAPER.md, "How they measured faster"): the accuracy is averaged over seeds
+  per epoch; "epochs to +-1%" is the first epoch whose mean accuracy reaches the group's *own*
+  final accuracy minus 1 point, and "seconds to +-1%" sums the mean training time per epoch
+  (``epoch_seconds``: evaluation excluded) up to and including that epoch. The standard error of
+  the seconds is that of each seed's training time up to that epoch. A group that plateaus low
+  counts as fast by this metric;
+- the fairer metric: epochs and seconds until each seed first reaches one *common* target accuracy
+  (default: the baseline group's final accuracy minus 1 point), with training time only and with
+  evaluation time included. A seed that never reaches it is not counted as zero: the group shows
+  "not reached", or how many of its seeds reached it;
+- speedups against the baseline group: baseline seconds / group seconds, for both metrics.
+
+Nothing here trains anything or talks to MLflow directly: ``dbx.tracking`` reads the runs.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from dbx.errors import UserError
+
+ONE_POINT = 0.01  # accuracies are fractions; "1 point" is one percentage point
+_SEED_SUFFIX = re.compile(r"-seed\d+(-\d+)?$")
+FORMATS = ("table", "markdown", "csv", "json")
+
+
+# --------------------------------------------------------------------------------------------
+# Plain records
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunCurves:
+    """One run's per-epoch numbers, aligned on ``epochs`` (1, 2, ...)."""
+
+    name: str
+    group: str
+    epochs: list[int]
+    test_accuracy: list[float]
+    epoch_seconds: list[float]  # training only
+    eval_seconds: list[float]
+    wall_seconds: list[float] = field(default_factory=list)
+    batch_size: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Estimate:
+    """A mean over seeds with its standard error (None for a single seed)."""
+
+    mean: float | None
+    se: float | None = None
+    n: int = 0  # seeds that contributed
+    of: int = 0  # seeds in the group
+
+    @property
+    def reached(self) -> bool:
+        return self.mean is not None
+
+
+@dataclass
+class GroupCurves:
+    """Seed-averaged curves of one group, for the plots: per epoch, mean and standard error."""
+
+    label: str
+    epochs: list[int]
+    series: dict[str, tuple[list[float], list[float]]]  # metric -> (mean, se)
+
+
+@dataclass
+class GroupResult:
+    group: str
+    runs: list[str]
+    final_accuracy: Estimate
+    best_accuracy: Estimate
+    epochs_to_own: int | None  # the paper's metric, on the seed-averaged curve
+    seconds_to_own: Estimate
+    epochs_to_target: Estimate
+    seconds_to_target: Estimate
+    seconds_to_target_with_eval: Estimate
+    speedup_own: float | None = None
+    speedup_target: float | None = None
+    curves: GroupCurves | None = None
+
+
+@dataclass
+class Comparison:
+    what: str  # which runs, in words
+    baseline: str
+    target: float
+    target_source: str  # "--target" or "baseline final - 1 point"
+    groups: list[GroupResult]
+    skipped: list[str] = field(default_factory=list)  # runs left out, with why
+    parents: list[str] = field(default_factory=list)  # the sweep parent runs of the compared runs
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------
+
+
+def mean_se(values: Sequence[float], of: int | None = None) -> Estimate:
+    """Mean and standard error (sample standard deviation / sqrt(n)) of ``values``."""
+    n = len(values)
+    of = n if of is None else of
+    if n == 0:
+        return Estimate(None, None, 0, of)
+    mean = sum(values) / n
+    if n == 1:
+        return Estimate(mean, None, 1, of)
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return Estimate(mean, math.sqrt(variance / n), n, of)
+
+
+def mean_curve(runs: Sequence[RunCurves], metric: str) -> tuple[list[int], list[float], list[float]]:
+    """Per epoch, mean and standard error over the runs that have that epoch."""
+    by_epoch: dict[int, list[float]] = {}
+    for run in runs:
+        for epoch, value in zip(run.epochs, getattr(run, metric)):
+            if value is not None and not math.isnan(value):
+                by_epoch.setdefault(epoch, []).append(value)
+    epochs = sorted(by_epoch)
+    estimates = [mean_se(by_epoch[e]) for e in epochs]
+    return epochs, [e.mean for e in estimates], [e.se or 0.0 for e in estimates]
+
+
+def first_epoch_reaching(epochs: Sequence[int], accuracy: Sequence[float], threshold: float) -> int | None:
+    """The first epoch whose accuracy is at least ``threshold`` (1e-12 of slack for rounding)."""
+    for epoch, value in zip(epochs, accuracy):
+        if value >= threshold - 1e-12:
+            return epoch
+    return None
+
+
+def seconds_until(run: RunCurves, epoch: int, *, with_eval: bool = False) -> float:
+    """The run's training time (plus evaluation time) summed over epochs 1..``epoch``."""
+    total = 0.0
+    for e, train, evaluation in zip(run.epochs, run.epoch_seconds, run.eval_seconds):
+        if e > epoch:
+            break
+        total += train + (evaluation if with_eval else 0.0)
+    return total
+
+
+def summarize_group(group: str, runs: Sequence[RunCurves], target: float) -> GroupResult:
+    """Every number of one group's row (speedups are filled in by ``compare``)."""
+    of = len(runs)
+    finals = [r.test_accuracy[-1] for r in runs]
+    final = mean_se(finals)
+    best = mean_se([max(r.test_accuracy) for r in runs])
+
+    # The paper's metric: on the seed-averaged curve, against the group's own final accuracy.
+    epochs, mean_acc, _ = mean_curve(runs, "test_accuracy")
+    own = first_epoch_reaching(epochs, mean_acc, final.mean - ONE_POINT)
+    if own is None:  # cannot happen with equal-length runs (the last epoch qualifies); kept honest
+        seconds_own = Estimate(None, None, 0, of)
+    else:
+        seconds_own = mean_se([seconds_until(r, own) for r in runs if own in r.epochs], of)
+
+    # The common target: per seed, the first epoch at or above it.
+    hits = [(r, first_epoch_reaching(r.epochs, r.test_accuracy, target)) for r in runs]
+    reached = [(r, e) for r, e in hits if e is not None]
+    return GroupResult(
+        group=group, runs=[r.name for r in runs], final_accuracy=final, best_accuracy=best,
+        epochs_to_own=own, seconds_to_own=seconds_own,
+        epochs_to_target=mean_se([float(e) for _, e in reached], of),
+        seconds_to_target=mean_se([seconds_until(r, e) for r, e in reached], of),
+        seconds_to_target_with_eval=mean_se([seconds_until(r, e, with_eval=True) for r, e in reached], of),
+        curves=group_curves(group, runs))
+
+
+def group_curves(label: str, runs: Sequence[RunCurves]) -> GroupCurves:
+    series = {}
+    epochs: list[int] = []
+    for metric in ("test_accuracy", "wall_seconds", "batch_size", "lr"):
+        e, mean, se = mean_curve(runs, metric)
+        if metric == "test_accuracy":
+            epochs = e
+        if e == epochs:
+            series[metric] = (mean, se)
+    return GroupCurves(label, epochs, series)
+
+
+def compare(runs: Sequence[RunCurves], *, baseline: str | None = None, target: float | None = None,
+            what: str = "runs", skipped: Sequence[str] = ()) -> Comparison:
+    """Group ``runs`` (in order of first appearance) and fill in every number of the table."""
+    groups: dict[str, list[RunCurves]] = {}
+    for run in runs:
+        groups.setdefault(run.group, []).append(run)
+    if not groups:
+        raise UserError(f"{what}: no finished runs with a test accuracy to compare"
+                        + (f" ({len(skipped)} left out: {'; '.join(skipped[:5])})" if skipped else "."))
+    baseline = baseline if baseline is not None else next(iter(groups))
+    if baseline not in groups:
+        raise UserError(f"--baseline {baseline!r} is not one of the groups: {', '.join(groups)}")
+    if target is None:
+        base_final = mean_se([r.test_accuracy[-1] for r in groups[baseline]]).mean
+        target, source = base_final - ONE_POINT, f"the final accuracy of {baseline} minus 1 point"
+    else:
+        source = "--target"
+    results = [summarize_group(name, members, target) for name, members in groups.items()]
+    base = next(r for r in results if r.group == baseline)
+    for result in results:
+        result.speedup_own = _ratio(base.seconds_to_own, result.seconds_to_own)
+        result.speedup_target = _ratio(base.seconds_to_target, result.seconds_to_target)
+    return Comparison(what, baseline, target, source, results, list(skipped))
+
+
+def _ratio(baseline: Estimate, other: Estimate) -> float | None:
+    """baseline / other, only when every seed of both reached the mark (else it would flatter one)."""
+    if not (baseline.reached and other.reached) or baseline.n < baseline.of or other.n < other.of:
+        return None
+    return baseline.mean / other.mean if other.mean > 0 else None
+
+
+# --------------------------------------------------------------------------------------------
+# From MLflow runs
+# --------------------------------------------------------------------------------------------
+
+
+def group_of(record: Any, group_by: str) -> str:
+    """The group of a run: ``name`` (its name without ``-seedN``), or params/tags joined by '/'.
+
+    ``group_by`` is ``name``, a flattened param key (``policy.name``), ``tags.KEY``, or several of
+    them separated by commas (``policy.name,policy.params.batch_size``).
+    """
+    parts = []
+    for key in (k.strip() for k in group_by.split(",")):
+        if key == "name":
+            parts.append(_SEED_SUFFIX.sub("", record.name))
+        elif key.startswith("tags."):
+            parts.append(record.tags.get(key[len("tags."):], "?"))
+        else:
+            parts.append(record.params.get(key, "?"))
+    return "/".join(parts)
+
+
+def curves_from_record(record: Any, group: str) -> RunCurves | None:
+    """The run's per-epoch curves, or None when it logged no test accuracy."""
+    history = record.history
+    accuracy = history.get("test_accuracy") or {}
+    epochs = sorted(accuracy)
+    if not epochs:
+        return None
+
+    def column(metric: str) -> list[float]:
+        values = history.get(metric) or {}
+        return [values.get(e, math.nan) for e in epochs]
+
+    return RunCurves(record.name, group, epochs, [accuracy[e] for e in epochs], column("epoch_seconds"),
+                     column("eval_seconds"), column("wall_seconds"), column("batch_size"), column("lr"))
+
+
+def load_comparison(uri: str, *, experiment: str | None = None, parent: str | None = None,
+                    group_by: str = "name", baseline: str | None = None, target: float | None = None) -> Comparison:
+    """``compare`` over the finished runs of a sweep, of an experiment, or of the latest sweep."""
+    from dbx import tracking
+
+    if target is not None and not 0.0 <= target <= 1.0:
+        raise UserError(f"--target {target:g} is not an accuracy between 0 and 1 (write 0.9 for 90%).")
+    what, records = tracking.runs_to_compare(uri, experiment=experiment, parent=parent)
+    runs, skipped = [], []
+    for record in records:
+        if record.status != "FINISHED":
+            skipped.append(f"{record.name} ({record.status})")
+            continue
+        curves = curves_from_record(record, group_of(record, group_by))
+        if curves is None:
+            skipped.append(f"{record.name} (no test_accuracy)")
+            continue
+        runs.append(curves)
+    comparison = compare(runs, baseline=baseline, target=target, what=what, skipped=skipped)
+    comparison.parents = sorted({r.tags["mlflow.parentRunId"] for r in records if "mlflow.parentRunId" in r.tags})
+    return comparison
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+COLUMNS = ("group", "runs", "final acc %", "best acc %", "epochs to ±1%", "train s to ±1%", "speedup ±1%",
+           "epochs to target", "train s to target", "train+eval s to target", "speedup target")
+NOT_REACHED = "not reached"
+
+
+def _pct(e: Estimate) -> str:
+    return _fmt(e, scale=100.0, digits=2)
+
+
+def _fmt(e: Estimate, scale: float = 1.0, digits: int = 2) -> str:
+    if not e.reached:
+        return NOT_REACHED
+    text = f"{e.mean * scale:.{digits}f}"
+    if e.se is not None:
+        text += f" ± {e.se * scale:.{digits}f}"
+    if e.n < e.of:
+        text += f" ({e.n}/{e.of} seeds)"
+    return text
+
+
+def _speed(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "n/a"
+
+
+def rows(comparison: Comparison) -> list[list[str]]:
+    """The table's rows as text, in ``COLUMNS`` order."""
+    out = []
+    for g in comparison.groups:
+        out.append([
+            g.group + (" (baseline)" if g.group == comparison.baseline else ""), str(len(g.runs)),
+            _pct(g.final_accuracy), _pct(g.best_accuracy),
+            str(g.epochs_to_own) if g.epochs_to_own is not None else NOT_REACHED, _fmt(g.seconds_to_own),
+            _speed(g.speedup_own),
+            _fmt(g.epochs_to_target, digits=1), _fmt(g.seconds_to_target), _fmt(g.seconds_to_target_with_eval),
+            _speed(g.speedup_target)])
+    return out
+
+
+def notes(comparison: Comparison) -> list[str]:
+    lines = [
+        f"Runs: {comparison.what}. Mean ± standard error over seeds.",
+        "±1%: the paper's metric: first epoch where the seed-averaged accuracy reaches the group's own "
+        "final accuracy minus 1 point; seconds are training time only (evaluation excluded).",
+        f"target: the common target accuracy {comparison.target * 100:.2f}% ({comparison.target_source}), "
+        "first reached per seed; 'not reached' when no seed reached it.",
+        f"speedup: {comparison.baseline} seconds / group seconds (n/a unless every seed of both reached).",
+    ]
+    if comparison.skipped:
+        lines.append(f"Left out: {', '.join(comparison.skipped)}.")
+    return lines
+
+
+def render(comparison: Comparison, fmt: str) -> str:
+    """The comparison as ``table`` (rich, for a terminal), ``markdown``, ``csv`` or ``json``."""
+    if fmt == "markdown":
+        header = "| " + " | ".join(COLUMNS) + " |"
+        rule = "|" + "|".join("---" if i == 0 else "--:" for i in range(len(COLUMNS))) + "|"
+        body = ["| " + " | ".join(r) + " |" for r in rows(comparison)]
+        return "\n".join([header, rule, *body, "", *notes(comparison)]) + "\n"
+    if fmt == "csv":
+        return _csv(comparison)
+    if fmt == "json":
+        return json.dumps(to_dict(comparison), indent=2) + "\n"
+    if fmt == "table":
+        return _rich_table(comparison)
+    raise UserError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def _rich_table(comparison: Comparison) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"target accuracy {comparison.target * 100:.2f}%  ·  baseline {comparison.baseline}",
+                  title_justify="left")
+    for i, column in enumerate(COLUMNS):
+        table.add_column(column, justify="left" if i == 0 else "right", overflow="fold")
+    for row in rows(comparison):
+        table.add_row(*row)
+    console = Console(width=160, record=True, file=io.StringIO(), force_terminal=False)
+    console.print(table)
+    for line in notes(comparison):
+        console.print(line, highlight=False, soft_wrap=True)
+    return console.export_text()
+
+
+def to_dict(comparison: Comparison) -> dict[str, Any]:
+    """Plain data (JSON): every estimate with mean, se, n and of; null where not reached."""
+    groups = []
+    for g in comparison.groups:
+        entry = asdict(g)
+        entry.pop("curves")
+        entry["baseline"] = g.group == comparison.baseline
+        groups.append(entry)
+    return {"what": comparison.what, "baseline": comparison.baseline, "target": comparison.target,
+            "target_source": comparison.target_source, "skipped": comparison.skipped, "groups": groups}
+
+
+def _csv(comparison: Comparison) -> str:
+    """One row per group; each estimate as mean, se and the number of seeds it covers. Empty
+    cells (never 0) where a group did not reach a mark."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    estimates = ("final_accuracy", "best_accuracy", "seconds_to_own", "epochs_to_target", "seconds_to_target",
+                 "seconds_to_target_with_eval")
+    header = ["group", "baseline", "runs", "epochs_to_own", "speedup_own", "speedup_target", "target"]
+    for name in estimates:
+        header += [f"{name}_mean", f"{name}_se", f"{name}_n"]
+    writer.writerow(header)
+
+    def cell(value: Any) -> str:
+        return "" if value is None else (f"{value:.6g}" if isinstance(value, float) else str(value))
+
+    for g in comparison.groups:
+        row = [g.group, str(g.group == comparison.baseline).lower(), len(g.runs), cell(g.epochs_to_own),
+               cell(g.speedup_own), cell(g.speedup_target), cell(comparison.target)]
+        for name in estimates:
+            e = getattr(g, name)
+            row += [cell(e.mean), cell(e.se), f"{e.n}/{e.of}"]
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def figure(comparison: Comparison) -> Any:
+    """The comparison plots (matplotlib figure): see ``dbx.plots.comparison_curves``."""
+    from dbx.plots import comparison_curves
+
+    return comparison_curves([g.curves for g in comparison.groups if g.curves is not None],
+                             target=comparison.target)
+
+
+def save_plot(comparison: Comparison, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(comparison)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def attach(comparison: Comparison, uri: str, run_id: str) -> None:
+    """Log the table (markdown, csv, json) and the plots as artifacts of ``run_id`` (``comparison/``)."""
+    import tempfile
+    from pathlib import Path
+
+    from dbx import tracking
+
+    with tempfile.TemporaryDirectory() as folder:
+        files = {}
+        for fmt, name in (("markdown", "comparison.md"), ("csv", "comparison.csv"), ("json", "comparison.json")):
+            Path(folder, name).write_text(render(comparison, fmt))
+            files[f"comparison/{name}"] = str(Path(folder, name))
+        save_plot(comparison, str(Path(folder, "curves.png")))
+        files["comparison/curves.png"] = str(Path(folder, "curves.png"))
+        tracking.log_files(uri, run_id, files)

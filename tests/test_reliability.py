@@ -1,0 +1,234 @@
+"""Reliability: a killed run resumes to the same result, damaged checkpoints are skipped, and every
+bad input is answered with a clear message, exit code 2, and nothing created."""
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dbx.cli import main
+from dbx.train.checkpoint import list_checkpoints, load_latest, read_checkpoint, save_checkpoint
+
+# About a second per epoch on one CPU core, so a kill lands inside an epoch; DiveBatch with
+# resize_every 2 exercises the policy's and the estimator's state across the kill.
+SLOW = """\
+name: killme
+seed: 3
+device: cpu
+data: {name: synthetic_logistic, params: {n: 6000, d: 32, noise: 0.1}}
+model: {name: mlp, params: {widths: [64]}}
+optimizer: {lr: 0.05, momentum: 0.9, weight_decay: 5e-4}
+epochs: 6
+policy: {name: divebatch, params: {initial: 8, max: 512, delta: 0.05, resize_every: 2}}
+checkpoint: {keep_last: 3}
+tracking: {system_metrics: false}
+"""
+COMPARED = ["train_loss", "train_accuracy", "test_loss", "test_accuracy", "batch_size", "lr", "diversity",
+            "samples_seen", "optimizer_steps"]
+
+
+def write(folder: Path, text: str, name: str = "spec.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def store(folder: Path) -> str:
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def only_run(uri: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return client, run
+
+
+def histories(uri: str) -> dict[str, list[tuple[int, float]]]:
+    client, run = only_run(uri)
+    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)) for key in COMPARED}
+
+
+def final_weights(folder: Path) -> dict[str, torch.Tensor]:
+    [ckpt_dir] = (folder / "dbx-checkpoints").iterdir()
+    return read_checkpoint(list_checkpoints(ckpt_dir)[-1])["model"]
+
+
+def kill_during_epoch(spec: Path, folder: Path, after_checkpoint: int) -> str:
+    """Start `dbx run` in a subprocess, SIGKILL it just after the given epoch's checkpoint."""
+    log = open(folder / "run.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "dbx.cli", "run", str(spec), "--tracking-uri", store(folder)],
+                               stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    pattern = f"dbx-checkpoints/*/epoch-{after_checkpoint:04d}.ckpt"
+    while not list(folder.glob(pattern)):
+        assert process.poll() is None, (folder / "run.log").read_text()
+        assert time.monotonic() < deadline, "the run never reached its checkpoint"
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the next epoch
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    [checkpoint] = folder.glob(pattern)
+    return checkpoint.parent.name  # the run id
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    result = CliRunner().invoke(main, ["run", str(write(straight, SLOW)), "--tracking-uri", store(straight)])
+    assert result.exit_code == 0, result.output
+
+    run_id = kill_during_epoch(write(killed, SLOW), killed, after_checkpoint=3)
+    _, run = only_run(store(killed))
+    assert run.info.status == "RUNNING"  # SIGKILL left no chance to close it
+    result = CliRunner().invoke(main, ["resume", run_id, "--tracking-uri", store(killed)])
+    assert result.exit_code == 0, result.output
+    assert "after epoch 3" in result.output
+
+    _, run = only_run(store(killed))
+    assert run.info.status == "FINISHED"
+    resumed, expected = histories(store(killed)), histories(store(straight))
+    for key in COMPARED:
+        assert [step for step, _ in resumed[key]] == [step for step, _ in expected[key]], f"{key} logged twice or missed"
+    assert resumed == expected  # bit for bit on the CPU
+    for name, tensor in final_weights(straight).items():
+        assert torch.equal(tensor, final_weights(killed)[name]), name
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    for epoch in (1, 2):
+        save_checkpoint(tmp_path, epoch, {"epoch": epoch}, keep_last=5)
+    newest = list_checkpoints(tmp_path)[-1]
+    data = bytearray(newest.read_bytes())
+    data[-10] ^= 0xFF  # one flipped byte
+    newest.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="fails its checksum"):
+        path, payload = load_latest(tmp_path)
+    assert payload == {"epoch": 1} and path.name == "epoch-0001.ckpt"
+
+
+def test_a_checkpoint_cut_short_is_skipped_too(tmp_path):
+    save_checkpoint(tmp_path, 1, {"epoch": 1}, keep_last=5)
+    save_checkpoint(tmp_path, 2, {"epoch": 2}, keep_last=5)
+    newest = list_checkpoints(tmp_path)[-1]
+    newest.write_bytes(newest.read_bytes()[:20])
+    with pytest.warns(UserWarning, match="cut short"):
+        assert load_latest(tmp_path)[1] == {"epoch": 1}
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    for epoch in range(1, 6):
+        save_checkpoint(tmp_path, epoch, {"epoch": epoch}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch-0004.ckpt", "epoch-0005.ckpt"]
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+@pytest.mark.slow
+def test_resume_after_a_damaged_checkpoint_redoes_the_epoch_without_logging_it_twice(tmp_path):
+    folder = tmp_path / "run"
+    run_id = kill_during_epoch(write(folder, SLOW), folder, after_checkpoint=2)
+    newest = list_checkpoints(folder / "dbx-checkpoints" / run_id)[-1]
+    newest_epoch = int(newest.stem.split("-")[1])  # 2, or 3 if the kill came a little late
+    newest.write_bytes(b"garbage")
+    result = CliRunner().invoke(main, ["resume", run_id, "--tracking-uri", store(folder)])
+    assert result.exit_code == 0, result.output
+    assert "skipping damaged checkpoint" in result.output
+    assert f"after epoch {newest_epoch - 1}" in result.output
+    steps = [step for step, _ in histories(store(folder))["test_loss"]]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+TINY = """\
+name: tiny
+device: cpu
+data: {name: synthetic_logistic, params: {n: 300, d: 4}}
+model: {name: logreg}
+optimizer: {lr: 0.1}
+epochs: 2
+policy: {name: divebatch, params: {initial: 8, max: 64, resize_every: 1}}
+tracking: {system_metrics: false}
+"""
+
+
+def edit(old: str, new: str) -> str:
+    assert old in TINY
+    return TINY.replace(old, new)
+
+
+BAD_INPUTS = [
+    # (what, spec text or None for no file, extra CLI args, a fragment of the message)
+    ("spec file missing", None, [], "spec file not found"),
+    ("malformed YAML", edit("epochs: 2", "epochs: [2"), [], "invalid YAML at line"),
+    ("unknown key", edit("epochs: 2", "epochs: 2\nepocs: 3"), [], "unknown key 'epocs'. Did you mean 'epochs'?"),
+    ("wrong type", edit("epochs: 2", "epochs: two"), [], "epochs"),
+    ("batch size <= 0", edit("initial: 8", "initial: 0"), [], "initial must be a positive integer"),
+    ("max below initial", edit("max: 64", "max: 4"), [], "max (4) must be at least initial (8)"),
+    ("lr <= 0", edit("lr: 0.1", "lr: 0"), [], "optimizer.lr"),
+    ("epochs <= 0", edit("epochs: 2", "epochs: 0"), [], "epochs"),
+    ("target accuracy above 1", TINY + "target_accuracy: 1.5\n", [], "target_accuracy"),
+    ("unknown plugin", edit("name: logreg", "name: logistic"), [], "unknown model 'logistic'"),
+    ("plugin raising on construction", edit("resize_every: 1", "resize_every: 1, delta: -1.0"), [],
+     "delta must be a finite number > 0"),
+    ("dataset root missing", edit("{name: synthetic_logistic, params: {n: 300, d: 4}}",
+                                  "{name: mnist, root: /nonexistent/data}"), [], "/nonexistent/data"),
+    ("CUDA asked for and absent", TINY, ["--device", "cuda:99"], "cuda:99"),
+    ("tracking server unreachable", TINY, ["--tracking-uri", "http://127.0.0.1:9"], "cannot be reached"),
+    ("tracking store unwritable", TINY, ["--tracking-uri", "sqlite:////nonexistent/folder/mlflow.db"], "does not exist"),
+    ("--set on a key that does not exist", TINY, ["--set", "optimizer.learning_rate=0.1"], "learning_rate"),
+]
+
+
+@pytest.mark.parametrize("what, text, args, fragment", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_answered_with_exit_2_and_starts_nothing(tmp_path, monkeypatch, what, text, args, fragment):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = tmp_path / "spec.yaml"
+    if text is not None:
+        spec.write_text(text)
+    result = CliRunner().invoke(main, ["run", str(spec), *args])
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output
+    assert len(result.output.strip().splitlines()) <= 3, "a message, not a traceback"
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["spec.yaml"] if text is not None else [])
+
+
+def test_resuming_a_run_that_does_not_exist_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["resume", "0123456789abcdef", "--tracking-uri", store(tmp_path)])
+    assert result.exit_code == 2 and "no MLflow store" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resuming_an_unknown_run_or_one_without_checkpoints_is_an_input_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = write(tmp_path, TINY + "checkpoint: {enabled: false}\n")
+    assert CliRunner().invoke(main, ["run", str(spec)]).exit_code == 0
+    _, run = only_run(store(tmp_path))
+
+    result = CliRunner().invoke(main, ["resume", "0123456789abcdef"])
+    assert result.exit_code == 2 and "no run '0123456789abcdef'" in result.output
+
+    result = CliRunner().invoke(main, ["resume", run.info.run_id])
+    assert result.exit_code == 2 and "has no checkpoint" in result.output
+    _, unchanged = only_run(store(tmp_path))
+    assert unchanged.info.status == "FINISHED"
+
+
+def test_skip_step_fails_the_run_when_every_step_is_non_finite(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = write(tmp_path, edit("lr: 0.1", "lr: 1.0e30").replace("synthetic_logistic", "synthetic_linear")
+                 + "on_nonfinite: skip_step\n")
+    result = CliRunner().invoke(main, ["run", str(spec)])
+    assert result.exit_code == 1 and "diverged" in result.output
+    _, run = only_run(store(tmp_path))
+    assert run.info.status == "FAILED"
+    assert run.data.tags["dbx.failure.reason"] == "nonfinite_loss"
+    assert int(run.data.tags["dbx.failure.step"]) >= 1
