@@ -67,7 +67,11 @@ def _in_file_order(problems: list[Problem]) -> list[Problem]:
 
 
 def plugin_table(*, check: bool, echo: Callable[[str], None]) -> int:
-    """Print each group's plugins; with ``check``, import each and report failures. Exit code."""
+    """Print each group's plugins; with ``check``, import each and report every failure. Exit code.
+
+    Failure messages are printed in full under their group's table (a table cell would wrap them
+    out of shape); the table's status column refers to them by number.
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -77,28 +81,37 @@ def plugin_table(*, check: bool, echo: Callable[[str], None]) -> int:
         table = Table(title=f"{group}  (spec: {kind if kind != 'dataset' else 'data'}.name)", title_justify="left")
         for column in ("name", "provided by", "version", "target") + (("status",) if check else ()):
             table.add_column(column)
-        for message in registry.conflicts(kind):
+        conflicts = registry.conflicts(kind)
+        for message in conflicts:
             failures += 1
             echo(f"error: {message}")
         found, _ = registry._scan(group)  # listing still shows names that are in conflict
+        messages: list[str] = []
         for name, info in sorted(found.items()):
             row = [name, info.distribution, info.version, info.target]
-            if check:
-                row.append(_load_status(kind, name))
-                failures += row[-1] != "ok"
+            if check and conflicts:  # no plugin of this group can be used until the conflict is resolved
+                row.append("blocked (name conflict)")
+            elif check:
+                problem = _load_problem(kind, name)
+                if problem:
+                    messages.append(problem)
+                row.append(f"FAILED [{failures + len(messages)}]" if problem else "ok")
             table.add_row(*row)
         console.print(table)
+        for message in messages:
+            failures += 1
+            echo(f"[{failures}] error: {message}")
     if check:
         echo(f"{failures} problem(s)" if failures else "all plugins load")
     return 1 if failures else 0
 
 
-def _load_status(kind: str, name: str) -> str:
+def _load_problem(kind: str, name: str) -> str | None:
     try:
         registry.load(kind, name)
     except UserError as exc:
-        return f"FAILED: {exc}"
-    return "ok"
+        return str(exc)
+    return None
 
 
 def describe_plugins(spec: Spec) -> dict[str, Any]:

@@ -260,8 +260,7 @@ def _scenarios(dataset_size: int, seed: int, needs_sums: bool) -> dict[str, Call
 
 
 def check_policy(factory: Callable[..., Any], *, dataset_size: int = 50_000, params: dict[str, Any] | None = None,
-                 epochs: int = 60, seed: int = 0, bounds: tuple[int, int | None] | None = None,
-                 needs_sums: bool = False) -> dict[str, list[int]]:
+                 epochs: int = 60, seed: int = 0, bounds: tuple[int, int | None] | None = None) -> dict[str, list[int]]:
     """Check a batch-size policy against ``dbx.protocols.BatchSizePolicy``; raise ``ContractError``.
 
     ``factory`` is what your entry point names; ``params`` the spec params to construct it with;
@@ -276,9 +275,10 @@ def check_policy(factory: Callable[..., Any], *, dataset_size: int = 50_000, par
       ``inf``/``nan`` estimates and estimates without sums, extreme values), every batch size is a
       positive int within ``bounds``, ``measures_in`` answers a bool, ``lr_factor`` (if defined)
       a positive finite number, and nothing raises;
-    - with ``needs_sums`` (a policy that reads ``sum_sq_norms`` and ``sq_norm_of_sum``), an
-      estimate without them raises an error that names them, so the user learns to pick an
-      estimator that reports them; otherwise such estimates are part of the sequences above;
+    - an estimate without ``sum_sq_norms``/``sq_norm_of_sum`` (from an estimator that does not
+      report them) is either used, or refused with an error whose message names ``sum_sq_norms``
+      (so the user learns to pick another estimator); a policy that refuses them is then driven
+      with estimates that have the sums only;
     - ``state_dict()`` is plain Python data, and a fresh policy given it with ``load_state_dict``
       halfway continues exactly like the original (what a resumed run relies on);
     - two policies built alike answer alike (deterministic under a seed).
@@ -325,8 +325,7 @@ def check_policy(factory: Callable[..., Any], *, dataset_size: int = 50_000, par
     if not in_bounds(first, "initial_batch_size()"):
         raise ContractError(subject, problems)
 
-    if needs_sums:
-        _check_needs_sums(build(), dataset_size, problems)
+    needs_sums = _needs_sums(build(), dataset_size, problems)
     results: dict[str, list[int]] = {}
     for name, estimates in _scenarios(dataset_size, seed, needs_sums).items():
         trace = _run_policy(build(), epochs, dataset_size, estimates, problems, in_bounds, name)
@@ -344,25 +343,23 @@ def check_policy(factory: Callable[..., Any], *, dataset_size: int = 50_000, par
     return results
 
 
-def _check_needs_sums(policy: Any, dataset_size: int, problems: list[str]) -> None:
-    """A policy that needs the sums must say so clearly when an estimate lacks them."""
-    if policy is None:
-        return
-    epoch = next((e for e in range(1, 1001) if not policy.uses_diversity or policy.measures_in(e)), None)
-    if not policy.uses_diversity or epoch is None:
-        problems.append("needs_sums is set, but the policy never measures (uses_diversity false or measures_in "
-                        "never true in 1000 epochs)")
-        return
+def _needs_sums(policy: Any, dataset_size: int, problems: list[str]) -> bool:
+    """Whether the policy refuses estimates without sums (with a clear error, or it is a problem)."""
+    if policy is None or not policy.uses_diversity:
+        return False
+    epoch = next((e for e in range(1, 1001) if policy.measures_in(e)), None)
+    if epoch is None:
+        return False
     bare = diversity_estimate(value=0.01, samples=dataset_size)
     try:
-        answer = policy.next_batch_size(epoch_state(epoch, policy.initial_batch_size(), dataset_size=dataset_size), bare)
-    except Exception as exc:  # noqa: BLE001 - the point: it must raise, and say why
+        policy.next_batch_size(epoch_state(epoch, policy.initial_batch_size(), dataset_size=dataset_size), bare)
+    except Exception as exc:  # noqa: BLE001 - a policy may need the sums, if it says so
         if "sum_sq_norms" not in str(exc):
-            problems.append(f"given an estimate without sums it raised {type(exc).__name__}: {exc}; "
-                            f"the message should name sum_sq_norms and say which estimator reports it")
-        return
-    problems.append(f"needs_sums is set, but given an estimate without sums it answered {answer!r} instead of "
-                    f"raising an error that names sum_sq_norms")
+            problems.append(f"given an estimate without sums (value 0.01, sum_sq_norms None) it raised "
+                            f"{type(exc).__name__}: {exc}; if the policy needs the sums, the message should name "
+                            f"sum_sq_norms and the estimators that report them")
+        return True
+    return False
 
 
 def _run_policy(policy: Any, epochs: int, dataset_size: int, estimates: Callable[[int], DiversityEstimate],

@@ -232,3 +232,66 @@ def test_skip_step_fails_the_run_when_every_step_is_non_finite(tmp_path, monkeyp
     assert run.info.status == "FAILED"
     assert run.data.tags["dbx.failure.reason"] == "nonfinite_loss"
     assert int(run.data.tags["dbx.failure.step"]) >= 1
+
+
+def test_ctrl_c_marks_the_run_killed_and_it_can_be_resumed(tmp_path):
+    folder = tmp_path / "run"
+    spec = write(folder, SLOW.replace("epochs: 6", "epochs: 3"))
+    log = open(folder / "run.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "dbx.cli", "run", str(spec), "--tracking-uri", store(folder)],
+                               stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not list(folder.glob("dbx-checkpoints/*/epoch-0001.ckpt")):
+        assert process.poll() is None and time.monotonic() < deadline, (folder / "run.log").read_text()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130, (folder / "run.log").read_text()
+    assert "marked KILLED" in (folder / "run.log").read_text()
+    client, run = only_run(store(folder))
+    assert run.info.status == "KILLED"
+    assert run.data.tags["dbx.failure.reason"] == "interrupted"
+
+    result = CliRunner().invoke(main, ["resume", run.info.run_id, "--tracking-uri", store(folder)])
+    assert result.exit_code == 0, result.output
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test_loss")] == [1, 2, 3]
+    assert only_run(store(folder))[1].info.status == "FINISHED"
+
+
+def test_an_exception_in_a_plugin_fails_the_run_with_the_reason(tmp_path, monkeypatch):
+    """A model (from a tiny real distribution) that breaks in its second epoch."""
+    from dbx import registry
+
+    site = tmp_path / "site"
+    info = site / "flaky_model-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: flaky-model\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[dbx.models]\nflaky = flaky_model_mod:flaky\n")
+    (site / "flaky_model_mod.py").write_text(textwrap.dedent("""
+        import torch
+
+        class Flaky(torch.nn.Linear):
+            calls = 0
+            def forward(self, x):
+                Flaky.calls += 1
+                if Flaky.calls > 60:
+                    raise RuntimeError("the flaky layer broke")
+                return super().forward(x)
+
+        def flaky(*, num_classes, input_shape):
+            return Flaky(input_shape[0], num_classes)
+        """))
+    monkeypatch.syspath_prepend(str(site))
+    registry.refresh()
+    monkeypatch.chdir(tmp_path)
+    try:
+        spec = write(tmp_path, edit("name: logreg", "name: flaky").replace(
+            "{name: divebatch, params: {initial: 8, max: 64, resize_every: 1}}", "{name: fixed, params: {batch_size: 8}}"))
+        result = CliRunner().invoke(main, ["run", str(spec)])
+    finally:
+        registry.refresh()
+    assert result.exit_code == 1, result.output
+    assert "RuntimeError: the flaky layer broke" in result.output
+    _, run = only_run(store(tmp_path))
+    assert run.info.status == "FAILED"
+    assert run.data.tags["dbx.failure.reason"] == "exception"
+    assert "the flaky layer broke" in run.data.tags["dbx.failure.message"]
