@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 
 from dbx import registry
 from dbx.errors import UserError
-from dbx.spec import Problem, Spec, SpecError, load_spec
+from dbx.spec import Problem, Spec, SpecError, expand_sweep, load_spec
 
 #: Spec section -> plugin kind.
 SECTIONS = {"data": "dataset", "model": "model", "policy": "policy", "estimator": "estimator"}
@@ -53,9 +53,39 @@ def check_spec_file(path: str, overrides: Sequence[str] = ()) -> Spec:
                 raise SpecError(_in_file_order(exc.problems + extra)) from None
         raise
     problems = plugin_problems(spec)
+    if spec.sweep:
+        problems += _sweep_problems(spec)
     if problems:
-        raise SpecError(problems)
+        raise SpecError(_in_file_order(_unique(problems)))
     return spec
+
+
+def _sweep_problems(spec: Spec) -> list[Problem]:
+    """Each point of the grid must be valid too: values in range, plugin names and params."""
+    problems: list[Problem] = []
+    for key, values in spec.sweep.items():  # one key at a time, so one bad key hides no other
+        single = spec.model_copy(update={"sweep": {key: values}})
+        try:
+            points = expand_sweep(single)
+        except SpecError as exc:
+            problems += exc.problems
+            continue
+        for label, point in points:
+            for problem in plugin_problems(point):
+                problems.append(Problem(problem.where, problem.key, f"{problem.message} (sweep point {label})"))
+    if not problems and len(spec.sweep) > 1:  # each key is fine alone: check the combinations
+        for label, point in expand_sweep(spec):
+            for problem in plugin_problems(point):
+                problems.append(Problem(problem.where, problem.key, f"{problem.message} (sweep point {label})"))
+    return problems
+
+
+def _unique(problems: list[Problem]) -> list[Problem]:
+    """The same problem found in many sweep points is reported once."""
+    seen: dict[tuple[str, str], Problem] = {}
+    for problem in problems:
+        seen.setdefault((problem.where, problem.key), problem)
+    return list(seen.values())
 
 
 def _in_file_order(problems: list[Problem]) -> list[Problem]:

@@ -238,14 +238,14 @@ def compare(experiment: str | None, parent: str | None, tracking_uri: str | None
         uri = tracking.resolve_tracking_uri(tracking_uri)
         comparison = report.load_comparison(uri, experiment=experiment, parent=parent, group_by=group_by,
                                             baseline=baseline, target=target)
+        if log_to_parent and len(comparison.parents) != 1:
+            raise UserError("--log attaches to a sweep's parent run, but these runs have "
+                            f"{len(comparison.parents) or 'no'} parents; compare one sweep with --parent RUN_ID")
         click.echo(report.render(comparison, fmt), nl=False)
         if plot_path:
             report.save_plot(comparison, plot_path)
             click.echo(f"plots: {plot_path}", err=True)
         if log_to_parent:
-            if len(comparison.parents) != 1:
-                raise UserError("--log attaches to a sweep's parent run, but these runs have "
-                                f"{len(comparison.parents) or 'no'} parents; compare one sweep with --parent RUN_ID")
             report.attach(comparison, uri, comparison.parents[0])
             click.echo(f"attached to run {comparison.parents[0]}: comparison/comparison.md, "
                        "comparison/curves.png", err=True)

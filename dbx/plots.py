@@ -40,13 +40,14 @@ def training_curves(history: list[dict[str, float]]) -> Any:
 
 def comparison_curves(groups: Sequence[Any], *, target: float | None = None) -> Any:
     """A 2x2 figure, one line per group with a band of +-1 standard error over seeds: test accuracy
-    against epochs and against wall seconds (training and evaluation), batch size and lr against
+    against epochs and against wall seconds, batch size and lr against
     epochs. ``groups`` are ``dbx.report.GroupCurves``: ``label``, ``epochs`` and ``series``
     (metric -> (mean per epoch, standard error per epoch))."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     (acc_ax, time_ax), (batch_ax, lr_ax) = axes
@@ -70,12 +71,14 @@ def comparison_curves(groups: Sequence[Any], *, target: float | None = None) -> 
         if target is not None:
             ax.axhline(target, color="grey", linestyle=":", linewidth=1, label="common target")
     acc_ax.set_xlabel("epoch")
-    time_ax.set_xlabel("wall seconds (training + evaluation, mean over seeds)")
+    time_ax.set_xlabel("wall seconds since the start (mean over seeds)")
     batch_ax.set_ylabel("batch size")
     batch_ax.set_yscale("log", base=2)
     lr_ax.set_ylabel("learning rate")
     for ax in (batch_ax, lr_ax):
         ax.set_xlabel("epoch")
+    for ax in (acc_ax, batch_ax, lr_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     acc_ax.legend(fontsize=8)

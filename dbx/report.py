@@ -306,7 +306,7 @@ def _fmt(e: Estimate, scale: float = 1.0, digits: int = 2) -> str:
     if e.se is not None:
         text += f" ± {e.se * scale:.{digits}f}"
     if e.n < e.of:
-        text += f" ({e.n}/{e.of} seeds)"
+        text += f" ({e.n}/{e.of})"
     return text
 
 
@@ -334,7 +334,7 @@ def notes(comparison: Comparison) -> list[str]:
         "±1%: the paper's metric: first epoch where the seed-averaged accuracy reaches the group's own "
         "final accuracy minus 1 point; seconds are training time only (evaluation excluded).",
         f"target: the common target accuracy {comparison.target * 100:.2f}% ({comparison.target_source}), "
-        "first reached per seed; 'not reached' when no seed reached it.",
+        "first reached per seed; (k/n): only k of the n seeds reached it, 'not reached': none did.",
         f"speedup: {comparison.baseline} seconds / group seconds (n/a unless every seed of both reached).",
     ]
     if comparison.skipped:
@@ -368,7 +368,10 @@ def _rich_table(comparison: Comparison) -> str:
         table.add_column(column, justify="left" if i == 0 else "right", overflow="fold")
     for row in rows(comparison):
         table.add_row(*row)
-    console = Console(width=160, record=True, file=io.StringIO(), force_terminal=False)
+    import shutil
+
+    width = max(100, shutil.get_terminal_size((160, 24)).columns)
+    console = Console(width=width, record=True, file=io.StringIO(), force_terminal=False)
     console.print(table)
     for line in notes(comparison):
         console.print(line, highlight=False, soft_wrap=True)

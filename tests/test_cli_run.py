@@ -173,3 +173,19 @@ def test_help_teaches_and_imports_neither_torch_nor_mlflow():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "heavy: []" in out.stdout
+
+
+def test_validate_checks_every_point_of_a_sweep(workdir):
+    spec = write_spec(workdir, TINY + "sweep:\n  policy.name: [fixed, divebach]\n  epochs: [1, 0]\n")
+    result = CliRunner().invoke(main, ["validate", str(spec)])
+    assert result.exit_code == 2
+    assert f"{spec}:13: policy.name: unknown policy 'divebach'" in result.output
+    assert f"{spec}:14: epochs: must be > 0, got 0 (sweep point epochs=0)" in result.output
+
+
+def test_dry_run_lists_the_sweep_and_starts_nothing(workdir):
+    spec = write_spec(workdir, TINY + "sweep:\n  seed: [0, 1]\n")
+    result = dbx("run", str(spec), "--dry-run")
+    assert result.exit_code == 0
+    assert "tiny-seed0" in result.output and "tiny-seed1" in result.output and "2 run(s)" in result.output
+    assert list(workdir.iterdir()) == [spec]

@@ -152,3 +152,13 @@ def test_tensors_live_on_the_device():
     assert loader.inputs.is_cuda
     for x, y in loader:
         assert x.is_cuda and y.is_cuda
+
+
+def test_default_workers_only_on_a_gpu():
+    from dbx.data.loader import default_num_workers
+
+    assert default_num_workers("cpu") == 0
+    assert 1 <= default_num_workers("cuda") <= 8
+    loader = loader_for("dataset", batch_size=4, shuffle=False)
+    assert loader.num_workers == 0 and not loader.pin_memory
+    assert "num_workers=0" in repr(loader)

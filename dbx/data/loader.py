@@ -22,11 +22,12 @@ have produced.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["BatchLoader", "TensorLoader", "DatasetLoader", "make_loader"]
+__all__ = ["BatchLoader", "TensorLoader", "DatasetLoader", "make_loader", "default_num_workers"]
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -126,10 +127,15 @@ class DatasetLoader(BatchLoader):
     """
 
     def __init__(self, dataset: Any, *, num_workers: int = 0, **kwargs: Any) -> None:
+        if isinstance(num_workers, bool) or int(num_workers) != num_workers or num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
         super().__init__(num_samples=len(dataset), **kwargs)
         self.dataset = dataset
         self.num_workers = int(num_workers)
         self.pin_memory = self.device.type == "cuda"
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", num_workers={self.num_workers}, pin_memory={self.pin_memory})"
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loader = torch.utils.data.DataLoader(
@@ -157,13 +163,13 @@ def make_loader(
     device: torch.device | str,
     seed: int,
     augment: Augment | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
 ) -> BatchLoader:
     """A loader over ``split``: a pair ``(inputs, targets)`` of tensors, or a torch Dataset.
 
     ``augment(inputs, generator)`` (typically ``DataSplits.augment``, for the training split only)
     is applied to every batch on the device with a generator derived from ``seed``.
-    ``num_workers`` only concerns Datasets.
+    ``num_workers`` only concerns Datasets: None picks ``default_num_workers(device)``.
     """
     common = dict(batch_size=batch_size, shuffle=shuffle, device=device, seed=seed, augment=augment)
     if isinstance(split, (tuple, list)):
@@ -171,8 +177,19 @@ def make_loader(
             raise TypeError("a tensor split must be a pair (inputs, targets) of tensors")
         return TensorLoader(split[0], split[1], **common)
     if isinstance(split, torch.utils.data.Dataset):
-        return DatasetLoader(split, num_workers=num_workers, **common)
+        workers = default_num_workers(device) if num_workers is None else num_workers
+        return DatasetLoader(split, num_workers=workers, **common)
     raise TypeError(f"cannot batch a split of type {type(split).__name__}: expected (inputs, targets) or a Dataset")
+
+
+def default_num_workers(device: torch.device | str) -> int:
+    """DataLoader workers when none are asked for: on a GPU, half the CPUs this process may use
+    (at most 8), so that decoding and per-image transforms keep up with the device; on the CPU,
+    none (workers would compete with the training threads for the same cores)."""
+    if torch.device(device).type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // 2))
 
 
 def _check_batch_size(batch_size: int) -> int:

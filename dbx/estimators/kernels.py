@@ -35,9 +35,10 @@ synchronise with the device.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -163,32 +164,130 @@ def _unfold(module: nn.Module, x: Tensor) -> Tensor:
     return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
 
 
+def _conv_padding(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """Apply the padding a plain zero-padded convolution cannot express; return the rest.
+
+    Non-zero padding modes and string paddings ("same" may pad asymmetrically) are applied to
+    ``x``; an integer zero padding is returned, per spatial dimension, for the caller to apply.
+    """
+    dims = x.dim() - 2
+    if module.padding_mode != "zeros":
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), (0,) * dims
+    if isinstance(module.padding, str):
+        if any(module._reversed_padding_repeated_twice):
+            x = F.pad(x, module._reversed_padding_repeated_twice)
+        return x, (0,) * dims
+    return x, tuple(module.padding)
+
+
+def conv_forms_cost(module: nn.Module, in_spatial: Sequence[int], out_spatial: Sequence[int]) -> dict[str, int]:
+    """Multiply-adds per sample of the two forms for one call of a Conv1d/Conv2d.
+
+    ghost: the Gram matrix of the (padded) input pixels, X^T X (Np^2 C/G per group), whose k^2
+    shifted blocks add up to the Gram matrix of the input patches, and the output gradients' Gram
+    matrix (T^2 O/G); explicit: the per-sample weight gradient (T C/G k^2 O/G per group).
+    """
+    groups = module.groups
+    cg, og = module.in_channels // groups, module.out_channels // groups
+    pad = module.padding if not isinstance(module.padding, str) else (0,) * len(in_spatial)
+    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+        extra = module._reversed_padding_repeated_twice
+        padded = [n + extra[2 * (len(in_spatial) - 1 - d)] + extra[2 * (len(in_spatial) - 1 - d) + 1]
+                  for d, n in enumerate(in_spatial)]
+    else:
+        padded = [n + 2 * p for n, p in zip(in_spatial, pad)]
+    pixels, positions, taps = math.prod(padded), math.prod(out_spatial), math.prod(module.kernel_size)
+    return {
+        "ghost": groups * (pixels * pixels * cg + positions * positions * (og + taps)),
+        "explicit": groups * positions * cg * taps * og,
+    }
+
+
+def _conv_weight_sq_norms(module: nn.Module, x: Tensor, g: Tensor, form: str) -> Tensor:
+    """Squared norms of the per-sample weight gradients of one call of a Conv1d/Conv2d."""
+    n, groups = x.shape[0], module.groups
+    c_in, c_out = module.in_channels, module.out_channels
+    cg, og = c_in // groups, c_out // groups
+    kernel, stride, dilation = tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation)
+    out_spatial = tuple(g.shape[2:])
+    positions = math.prod(out_spatial)
+    if form == "auto":
+        costs = conv_forms_cost(module, x.shape[2:], out_spatial)
+        form = "ghost" if costs["ghost"] <= costs["explicit"] else "explicit"
+    x, pad = _conv_padding(module, x)
+    padded = tuple(s + 2 * p for s, p in zip(x.shape[2:], pad))
+    pixels = math.prod(padded)
+    parts = []
+    if form == "ghost":
+        # (a_t . a_s) over input patches t, s = sum over kernel taps of the pixel Gram X^T X at the
+        # tapped pixels: no unfolding, and k^2 times less work than the Gram of the patches.
+        taps = list(itertools.product(*(range(k) for k in kernel)))
+        per_sample = c_in * pixels + groups * (pixels * pixels + 3 * positions * positions)
+        for s, e in _chunks(n, per_sample):
+            b = e - s
+            xc = _f32(x[s:e])
+            if any(pad):
+                xc = F.pad(xc, [p for p in reversed(pad) for _ in (0, 1)])
+            xs = xc.reshape(b * groups, cg, pixels)
+            gram_x = torch.bmm(xs.mT, xs).view(b * groups, *padded, *padded)
+            gram_a = None
+            for tap in taps:
+                rows = tuple(slice(k * d, k * d + st * (m - 1) + 1, st)
+                             for k, d, st, m in zip(tap, dilation, stride, out_spatial))
+                block = gram_x[(slice(None),) + rows + rows]
+                gram_a = block.clone() if gram_a is None else gram_a.add_(block)
+            gs = _f32(g[s:e]).reshape(b * groups, og, positions)
+            gram_g = torch.bmm(gs.mT, gs)
+            parts.append(torch.linalg.vecdot(gram_a.reshape(b * groups, -1), gram_g.flatten(1)).view(b, groups).sum(1))
+        return _cat(parts, 0)
+    # explicit: all per-sample weight gradients of a chunk at once, as the weight gradient of one
+    # convolution with the samples stacked along the channels (groups = samples x groups).
+    weight_grad = torch.nn.grad.conv1d_weight if x.dim() == 3 else torch.nn.grad.conv2d_weight
+    per_sample = groups * og * cg * math.prod(kernel) + (c_in * pixels + c_out * positions) // 2
+    for s, e in _chunks(n, per_sample):
+        b = e - s
+        xc = _f32(x[s:e]).reshape(1, b * c_in, *x.shape[2:])
+        gc = _f32(g[s:e]).reshape(1, b * c_out, *out_spatial)
+        grads = weight_grad(xc, (b * c_out, cg, *kernel), gc, stride=stride, padding=pad, dilation=dilation,
+                            groups=b * groups)
+        parts.append(_sq(grads.view(b, -1), 1))
+    return _cat(parts, 0)
+
+
 def _conv_sq_norms(module: nn.Module, xs: list[Tensor], gs: list[Tensor], form: str) -> Tensor:
     n = gs[0].shape[0]
-    c_out, groups = module.out_channels, module.groups
-    g3 = [y.reshape(n, c_out, -1) for y in gs]  # (B, C_out, positions)
+    c_out = module.out_channels
     total = None
     if _trainable(module, "weight"):
-        i = module.in_channels // groups * math.prod(module.kernel_size)
-        o = c_out // groups
-        t = sum(y.shape[-1] for y in g3)
-        per_sample = i * t + groups * _outer_cost(t, i, o)
-        parts = []
-        for s, e in _chunks(n, per_sample):
-            a = _cat([_unfold(module, x[s:e]) for x in xs], -1)  # (b, C_in*k, T)
-            g = _cat([y[s:e] for y in g3], -1)  # (b, C_out, T)
-            b = e - s
-            a = a.reshape(b * groups, i, t).mT
-            g = g.reshape(b * groups, o, t).mT
-            parts.append(sum_outer_sq_norms(a, g, form).view(b, groups).sum(1))
-        total = _cat(parts, 0)
+        if len(xs) == 1:
+            total = _conv_weight_sq_norms(module, xs[0], gs[0], form)
+        else:
+            total = _conv_weight_sq_norms_concat(module, xs, gs, form)
     if _trainable(module, "bias"):
-        gb = g3[0].sum(-1, dtype=torch.float32)
-        for y in g3[1:]:
-            gb = gb + y.sum(-1, dtype=torch.float32)
+        gb = None
+        for y in gs:
+            part = y.reshape(n, c_out, -1).sum(-1, dtype=torch.float32)
+            gb = part if gb is None else gb + part
         bias = _sq(gb, 1)
         total = bias if total is None else total + bias
-    return total if total is not None else g3[0].new_zeros(n, dtype=torch.float32)
+    return total if total is not None else gs[0].new_zeros(n, dtype=torch.float32)
+
+
+def _conv_weight_sq_norms_concat(module: nn.Module, xs: list[Tensor], gs: list[Tensor], form: str) -> Tensor:
+    """A convolution called several times in one forward: unfold every call's input and treat the
+    calls' positions as the positions of one call (their gradients add)."""
+    n, groups, c_out = gs[0].shape[0], module.groups, module.out_channels
+    g3 = [y.reshape(n, c_out, -1) for y in gs]
+    i = module.in_channels // groups * math.prod(module.kernel_size)
+    o = c_out // groups
+    t = sum(y.shape[-1] for y in g3)
+    parts = []
+    for s, e in _chunks(n, i * t + groups * _outer_cost(t, i, o)):
+        b = e - s
+        a = _cat([_unfold(module, x[s:e]) for x in xs], -1).reshape(b * groups, i, t).mT
+        g = _cat([y[s:e] for y in g3], -1).reshape(b * groups, o, t).mT
+        parts.append(sum_outer_sq_norms(a, g, form).view(b, groups).sum(1))
+    return _cat(parts, 0)
 
 
 def _channel_affine(module: nn.Module, xhats: list[Tensor], gs: list[Tensor]) -> Tensor:
