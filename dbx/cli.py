@@ -280,9 +280,11 @@ def ui(tracking_uri: str | None, port: int, debug: bool) -> None:
         if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
             raise UserError(f"there is no MLflow store at {uri}. Run `dbx run SPEC` first, or pass the store "
                             f"with --tracking-uri.")
+        argv, env = tracking.ui_server(uri, port=port)
         click.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}  (Ctrl-C to stop)")
+        click.echo(f"training runs: {tracking.ui_address('127.0.0.1', port)}")
         try:
-            return subprocess.call(tracking.ui_argv(uri, port=port))
+            return subprocess.call(argv, env=env)
         except KeyboardInterrupt:
             return 0
 

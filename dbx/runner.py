@@ -57,8 +57,13 @@ def run_one(spec: Any, *, uri: str, experiment: str | None = None, say: Say = pr
     tracking.check_store(uri)
     parts = build_parts(spec, device)
     run_name = run_name or f"{spec.name}-seed{spec.seed}"
-    tracked = tracking.open_run(spec, uri=uri, experiment=experiment, run_name=run_name,
-                                device_label=label, plugins=describe_plugins(spec), parent_run_id=parent_run_id)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tracked = tracking.open_run(spec, uri=uri, experiment=experiment, run_name=run_name, device_label=label,
+                                    plugins=describe_plugins(spec), parent_run_id=parent_run_id)
+    except MlflowException as exc:
+        raise UserError(f"MLflow store {uri} refused the run: {exc.message}") from exc
     say(f"run {run_name} ({tracked.run_id}) on {label}")
     say(f"tracking: {uri}   browse with: {tracking.ui_command(uri)}")
     say(f"data: {parts.train_loader.num_samples} training samples; model: {spec.model.name} "

@@ -244,6 +244,9 @@ class Spec(_Section):
         None, description="largest physical batch; larger logical batches are accumulated"
     )
     eval_batch_size: PositiveInt = Field(1024, description="batch size for evaluation")
+    amp: Literal["none", "bf16", "fp16"] = Field(
+        "none", description="mixed precision for forward/backward: none | bf16 | fp16 (fp16 needs CUDA)"
+    )
     on_nonfinite: Literal["stop", "skip_step"] = Field(
         "stop", description="a NaN/inf loss: stop the run as FAILED, or skip that optimizer step"
     )

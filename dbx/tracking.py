@@ -31,6 +31,8 @@ def resolve_tracking_uri(cli_uri: str | None = None, spec_uri: str | None = None
     any folder.
     """
     uri = cli_uri or spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
+    if "://" not in uri and uri.endswith(".db"):  # a plain path to a database file
+        uri = f"sqlite:///{uri}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
     elif "://" not in uri:  # a plain folder: MLflow's file store
@@ -51,6 +53,9 @@ def check_store(uri: str) -> None:
                             f"another --tracking-uri.")
         if not os.access(folder, os.W_OK):
             raise UserError(f"tracking store {uri}: folder {folder} is not writable. Choose another --tracking-uri.")
+    elif "://" not in uri and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        raise UserError(f"tracking store {uri} is a folder; MLflow 3 no longer writes folder stores. "
+                        f"Use a database file instead, e.g. --tracking-uri sqlite:///{uri.rstrip('/')}/mlflow.db")
     elif uri.startswith(("http://", "https://")):
         import urllib.request
 
@@ -401,8 +406,23 @@ def log_files(uri: str, run_id: str, files: dict[str, str]) -> None:
         client.log_artifact(run_id, local, None if folder == "." else folder)
 
 
-def ui_argv(uri: str, *, port: int, host: str = "127.0.0.1") -> list[str]:
-    """The ``mlflow ui`` command line for the store ``uri``, from the Python that runs dbx."""
+def ui_server(uri: str, *, port: int, host: str = "127.0.0.1") -> tuple[list[str], dict[str, str]]:
+    """The ``mlflow ui`` command line (from the Python that runs dbx) and its environment.
+
+    One worker, and no GenAI job runner (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``, unless set
+    already): a local browser for training runs starts in seconds instead of spawning a dozen
+    processes.
+    """
     import sys
 
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    env = dict(os.environ)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+            "--workers", "1"]
+    return argv, env
+
+
+def ui_address(host: str, port: int) -> str:
+    """Where the UI opens on the training-runs view: MLflow 3 decides the view by its
+    ``workflowType`` (remembered in the browser), not only by the experiment's tag."""
+    return f"http://{host}:{port}/#/experiments?workflowType=machine_learning"

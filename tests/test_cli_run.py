@@ -189,3 +189,19 @@ def test_dry_run_lists_the_sweep_and_starts_nothing(workdir):
     assert result.exit_code == 0
     assert "tiny-seed0" in result.output and "tiny-seed1" in result.output and "2 run(s)" in result.output
     assert list(workdir.iterdir()) == [spec]
+
+
+def test_bf16_autocast_trains_on_the_cpu_and_fp16_asks_for_cuda(workdir):
+    spec = write_spec(workdir, TINY + "amp: bf16\n")
+    result = dbx("run", str(spec), "--set", "epochs=2")
+    assert result.exit_code == 0, result.output
+    _, [run] = runs_in(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert run.data.params["amp"] == "bf16" and run.data.metrics["test_accuracy"] > 0.5
+
+    result = CliRunner().invoke(main, ["run", str(write_spec(workdir, TINY + "amp: fp16\n", "fp16.yaml"))])
+    assert result.exit_code == 2 and "fp16 needs a CUDA device" in result.output
+
+
+def test_a_folder_as_tracking_store_gets_told_to_use_a_database(workdir):
+    result = CliRunner().invoke(main, ["run", str(write_spec(workdir)), "--tracking-uri", str(workdir / "runs")])
+    assert result.exit_code == 2 and "sqlite:///" in result.output

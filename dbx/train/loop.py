@@ -170,7 +170,7 @@ def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, o
     finite. Losses and correct counts are summed on the device and read once at the end, so the
     step never waits for the device; only ``skip_nonfinite`` must look at each step's loss.
     """
-    model, optimizer, loss_fn = parts.model, parts.optimizer, parts.loss_fn
+    model, optimizer, loss_fn, scaler = parts.model, parts.optimizer, parts.loss_fn, parts.scaler
     model.train()
     loss_sum = torch.zeros((), device=parts.device)
     correct = torch.zeros((), device=parts.device, dtype=torch.long)
@@ -185,12 +185,18 @@ def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, o
             chunks = ((inputs, targets),)
         step_loss = torch.zeros((), device=parts.device)
         step_correct = torch.zeros((), device=parts.device, dtype=torch.long)
+        # fp16 multiplies the loss by the GradScaler's factor; the estimator must divide it out
+        grad_scale = scaler.get_scale() if scaler is not None and estimator is not None else 1.0
         for x, y in chunks:
-            outputs = model(x)
-            loss = loss_fn(outputs, y, reduction="sum")
-            (loss * loss_scale).backward()
+            with parts.autocast():
+                outputs = model(x)
+            loss = loss_fn(outputs.float(), y, reduction="sum")
+            if scaler is not None:
+                scaler.scale(loss * loss_scale).backward()
+            else:
+                (loss * loss_scale).backward()
             if estimator is not None:
-                estimator.on_backward(loss_scale)
+                estimator.on_backward(loss_scale * grad_scale)
             step_loss += loss.detach()
             if parts.classification:
                 step_correct += (outputs.detach().argmax(dim=1) == y).sum()
@@ -202,8 +208,12 @@ def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, o
             continue
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), steps, first_bad)
         if estimator is not None:
-            estimator.on_step(loss_scale)
-        optimizer.step()
+            estimator.on_step(loss_scale * grad_scale)
+        if scaler is not None:
+            scaler.step(optimizer)  # skips the step itself when fp16 gradients overflowed
+            scaler.update()
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss_sum += step_loss
         correct += step_correct
@@ -224,8 +234,9 @@ def evaluate(parts: Parts) -> tuple[float, float | None]:
     correct = torch.zeros((), device=parts.device, dtype=torch.long)
     count = 0
     for inputs, targets in parts.test_loader:
-        outputs = model(inputs)
-        loss_sum += loss_fn(outputs, targets, reduction="sum")
+        with parts.autocast():
+            outputs = model(inputs)
+        loss_sum += loss_fn(outputs.float(), targets, reduction="sum")
         if parts.classification:
             correct += (outputs.argmax(dim=1) == targets).sum()
         count += inputs.shape[0]

@@ -30,6 +30,12 @@ class Parts:
     loss_fn: Callable[..., torch.Tensor]
     classification: bool
     device: torch.device
+    amp_dtype: torch.dtype | None = None  # autocast dtype, None for full precision
+    scaler: Any = None  # torch.amp.GradScaler for fp16
+
+    def autocast(self) -> Any:
+        """The forward passes' precision context (a no-op without amp)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
 
 def build_parts(spec: Any, device: torch.device) -> Parts:
@@ -61,5 +67,10 @@ def build_parts(spec: Any, device: torch.device) -> Parts:
                                 weight_decay=opt.weight_decay, nesterov=opt.nesterov)
     classification = data.num_classes is not None
     loss_fn = F.cross_entropy if classification else F.mse_loss
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.amp]
+    if spec.amp == "fp16" and device.type != "cuda":
+        raise UserError(f"amp: fp16 needs a CUDA device, and this run is on {device}. "
+                        f"Use amp: bf16 (works on the CPU) or amp: none.")
+    scaler = torch.amp.GradScaler(device.type) if spec.amp == "fp16" else None
     return Parts(data, model, optimizer, policy, estimator, train_loader, test_loader, loss_fn,
-                 classification, device)
+                 classification, device, amp_dtype, scaler)
