@@ -115,11 +115,11 @@ def plugin_table(*, check: bool, echo: Callable[[str], None]) -> int:
         for message in conflicts:
             failures += 1
             echo(f"error: {message}")
-        found, _ = registry._scan(group)  # listing still shows names that are in conflict
+        clashing = {m.split("'")[1] for m in conflicts}
         messages: list[str] = []
-        for name, info in sorted(found.items()):
+        for name, info in registry.available(kind).items():
             row = [name, info.distribution, info.version, info.target]
-            if check and conflicts:  # no plugin of this group can be used until the conflict is resolved
+            if check and name in clashing:  # unusable until one of the distributions goes
                 row.append("blocked (name conflict)")
             elif check:
                 problem = _load_problem(kind, name)

@@ -166,7 +166,7 @@ def plugins(ctx: click.Context, check: bool) -> None:
 
 @plugins.group()
 def new() -> None:
-    """Start a plugin of your own: a ready-to-install package with a test, from a template."""
+    """Start a plugin package of your own, from a template."""
 
 
 @new.command("policy")

@@ -20,8 +20,8 @@ goes through a deprecation period):
                        without a traceback and exits with code 2
 ``dbx.testing``        contract checks for the plugin's own tests: ``check_policy``,
                        ``check_estimator``, ``check_model``, ``check_dataset``, ``ContractError``,
-                       and helpers to drive a policy by hand (``epoch_state``, ``estimate``,
-                       ``simulate_policy``)
+                       and helpers to drive a policy by hand (``epoch_state``,
+                       ``diversity_estimate``, ``simulate_policy``)
 =====================  ======================================================================
 
 Everything else in dbx (``dbx.registry``, ``dbx.train``, ``dbx.policies``, the estimators' kernels,
@@ -242,6 +242,8 @@ class BatchSizePolicy(Protocol):
       ``uses_diversity`` is true (define it anyway, returning False).
     - ``state_dict()`` / ``load_state_dict(state)``: everything needed to continue after a resume,
       as plain Python values (an empty dict for a stateless policy).
+    - ``metrics()`` (optional): a dict of the policy's own numbers after ``next_batch_size``
+      (e.g. a smoothed noise scale); dbx logs each as ``policy/<key>`` at that epoch.
     """
 
     uses_diversity: bool

@@ -96,10 +96,12 @@ def refresh() -> None:
 
 
 def available(kind: str) -> dict[str, PluginInfo]:
-    """Every plugin registered for ``kind``, by name. Raises if two distributions claim a name."""
-    found, conflicts = _scan(_check_kind(kind))
-    if conflicts:
-        raise PluginError("\n".join(conflicts))
+    """Every plugin registered for ``kind``, by name (see ``conflicts`` for names claimed twice).
+
+    A name that two distributions register is an error when a spec uses it (``info``), not
+    before: one clash does not block every other plugin of the group.
+    """
+    found, _ = _scan(_check_kind(kind))
     return dict(sorted(found.items()))
 
 
@@ -111,6 +113,9 @@ def conflicts(kind: str) -> tuple[str, ...]:
 def info(kind: str, name: str) -> PluginInfo:
     """The entry point of one plugin, or an error listing what exists, with a did-you-mean."""
     plugins = available(kind)
+    clashes = [m for m in conflicts(kind) if m.startswith(f"plugin name {name!r} ")]
+    if clashes:
+        raise PluginError(clashes[0])
     if name in plugins:
         return plugins[name]
     guess = difflib.get_close_matches(name, list(plugins), n=1)

@@ -362,16 +362,17 @@ def _rich_table(comparison: Comparison) -> str:
     from rich.console import Console
     from rich.table import Table
 
+    from rich import box
+
     table = Table(title=f"target accuracy {comparison.target * 100:.2f}%  ·  baseline {comparison.baseline}",
-                  title_justify="left")
+                  title_justify="left", box=box.SIMPLE_HEAD)
     for i, column in enumerate(COLUMNS):
-        table.add_column(column, justify="left" if i == 0 else "right", overflow="fold")
+        header = re.sub(r" (to |±1%$|target$|acc)", r"\n\1", column, count=1) if i else column
+        table.add_column(header, justify="left" if i == 0 else "right", no_wrap=True)
     for row in rows(comparison):
         table.add_row(*row)
-    import shutil
-
-    width = max(100, shutil.get_terminal_size((160, 24)).columns)
-    console = Console(width=width, record=True, file=io.StringIO(), force_terminal=False)
+    # the table's own width, never squeezed: a narrow terminal wraps lines rather than losing digits
+    console = Console(width=250, record=True, file=io.StringIO(), force_terminal=False)
     console.print(table)
     for line in notes(comparison):
         console.print(line, highlight=False, soft_wrap=True)

@@ -29,8 +29,8 @@ import typing
 from typing import Any, Callable
 
 from dbx.errors import UserError
-from dbx.registry import INJECTED as _INJECTED
 from dbx.protocols import BatchSizePolicy, DataSplits, DiversityEstimate, DiversityEstimator, EpochState
+from dbx.registry import INJECTED as _INJECTED
 
 __all__ = [
     "ContractError",
@@ -550,9 +550,9 @@ def _measure(estimator: Any, model: Any, loss_fn: Callable[..., Any], inputs: An
     model.train()
     estimator.attach(model)
     try:
-        for batch_x, batch_y in zip(inputs.split(16), targets.split(16)):
+        for batch_x, batch_y in zip(inputs.split(16), targets.split(16), strict=True):
             loss_scale = 1.0 / batch_x.shape[0]
-            for x, y in zip(batch_x.split(8), batch_y.split(8)):
+            for x, y in zip(batch_x.split(8), batch_y.split(8), strict=True):
                 (loss_fn(model(x), y, reduction="sum") * loss_scale).backward()
                 estimator.on_backward(loss_scale)
             estimator.on_step(loss_scale)
@@ -573,7 +573,7 @@ def _reference_diversity(model: Any, loss_fn: Callable[..., Any], inputs: Any, t
     for i in range(inputs.shape[0]):
         grads = torch.autograd.grad(loss_fn(model(inputs[i:i + 1]), targets[i:i + 1], reduction="sum"), params)
         sum_sq += sum(float(g.double().square().sum()) for g in grads)
-        for t, g in zip(total, grads):
+        for t, g in zip(total, grads, strict=True):
             t += g.double()
     return sum_sq / float(sum(t.square().sum() for t in total))
 

@@ -391,11 +391,22 @@ def runs_to_compare(uri: str, *, experiment: str | None = None, parent: str | No
             raise UserError(f"{what} in {uri} has no runs. Train some first, e.g. dbx run experiments/synthetic/sweep.yaml")
     records = []
     for run in found:
-        history = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
-                   for key in COMPARED_METRICS}
+        history = {key: _per_step(client.get_metric_history(run.info.run_id, key)) for key in COMPARED_METRICS}
         records.append(RunRecord(run.info.run_id, run.info.run_name or run.info.run_id, run.info.status,
                                  dict(run.data.params), dict(run.data.tags), history))
     return what, records
+
+
+def _per_step(metrics: list[Any]) -> dict[int, float]:
+    """One value per step: the first logged. A run's summary re-logs ``eval_seconds`` (the total)
+    at the last epoch's step, after that epoch's own value; on a tie the smaller value is the
+    epoch's own (the total includes it)."""
+    chosen: dict[int, Any] = {}
+    for m in metrics:
+        held = chosen.get(m.step)
+        if held is None or (m.timestamp, m.value) < (held.timestamp, held.value):
+            chosen[m.step] = m
+    return {step: m.value for step, m in chosen.items()}
 
 
 def log_files(uri: str, run_id: str, files: dict[str, str]) -> None:

@@ -10,8 +10,16 @@ from typing import Any
 import pytest
 
 from dbx import registry
-from dbx.testing import (ContractError, check_dataset, check_estimator, check_model, check_policy,
-                         diversity_estimate, epoch_state, simulate_policy)
+from dbx.testing import (
+    ContractError,
+    check_dataset,
+    check_estimator,
+    check_model,
+    check_policy,
+    diversity_estimate,
+    epoch_state,
+    simulate_policy,
+)
 
 
 @pytest.mark.parametrize("name", sorted(registry.available("policy")))

@@ -8,7 +8,6 @@ import importlib
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest

@@ -73,7 +73,8 @@ def test_two_distributions_registering_one_name_is_an_error_naming_both(site):
     install(site, "first-dist", "[dbx.policies]\nsame = first_mod:P\n")
     install(site, "second-dist", "[dbx.policies]\nsame = second_mod:P\n")
     with pytest.raises(PluginError, match=r"'same'.*first-dist 1\.2\.3.*second-dist 1\.2\.3"):
-        registry.available("policy")
+        registry.info("policy", "same")
+    assert registry.info("policy", "divebatch").distribution == "dbx"  # the other names still work
 
 
 def test_params_are_checked_against_the_factory_signature():

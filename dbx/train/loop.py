@@ -142,6 +142,8 @@ def fit(spec: Any, parts: Parts, tracker: Tracker, *, say: Callable[[str], None]
             lr=lr, samples_seen=state.samples_seen, dataset_size=loader.num_samples,
             train_loss=train_loss, test_loss=test_loss, train_accuracy=train_acc, test_accuracy=test_acc)
         new_batch = _checked_batch_size(policy.next_batch_size(epoch_state, diversity), spec.policy.name)
+        if hasattr(policy, "metrics"):  # optional: a policy's own numbers, e.g. a smoothed noise scale
+            metrics.update({f"policy/{key}": float(value) for key, value in policy.metrics().items()})
         state.history.append({"epoch": epoch, **metrics})
         changed = new_batch != state.batch_size
         if changed:

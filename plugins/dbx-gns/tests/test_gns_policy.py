@@ -3,9 +3,9 @@ import math
 from importlib.metadata import entry_points
 
 import pytest
-from dbx.testing import check_policy, diversity_estimate, epoch_state, simulate_policy
-
 from dbx_gns import GradientNoiseScale, noise_scale
+
+from dbx.testing import check_policy, diversity_estimate, epoch_state, simulate_policy
 
 N = 50_000
 

@@ -3,10 +3,10 @@ import math
 from importlib.metadata import entry_points
 
 import pytest
+from dbx_normtest import NormTest, gradient_statistics
+
 from dbx.protocols import DiversityEstimate
 from dbx.testing import check_policy, diversity_estimate, epoch_state
-
-from dbx_normtest import NormTest, gradient_statistics
 
 N = 50_000
 

@@ -1,0 +1,120 @@
+"""Sweeps as a user runs them: `dbx run` on a spec with a `sweep:` trains every point as a nested
+MLflow run under one parent, names each run after the values it varies, goes on past a failed
+point and says so in its exit code, and attaches the comparison to the parent run."""
+import textwrap
+
+from click.testing import CliRunner
+
+from dbx.cli import main
+from dbx.spec import parse_spec
+from dbx.sweep import point_names
+
+BASE = """\
+name: tiny-sweep
+seed: 0
+device: cpu
+data: {name: synthetic_logistic, params: {n: 200, d: 6, noise: 0.1}}
+model: {name: logreg}
+optimizer: {lr: 0.2, momentum: 0.9}
+epochs: 2
+policy: {name: fixed, params: {batch_size: 16}}
+tracking: {system_metrics: false}
+"""
+
+POLICIES = BASE + """\
+sweep:
+  policy:
+    - {name: fixed, params: {batch_size: 16}}
+    - {name: divebatch, params: {initial: 16, max: 160, delta: 1.0, resize_every: 1}}
+  seed: [0, 1]
+"""
+
+
+def names_of(sweep: str, base: str = BASE) -> list[str]:
+    return point_names(parse_spec(base + "sweep:\n" + textwrap.indent(textwrap.dedent(sweep), "  ")))
+
+
+def test_run_names_say_what_each_point_varies():
+    assert names_of("policy.name: [fixed, divebatch]\nseed: [0, 1]\n") == [
+        "fixed-seed0", "fixed-seed1", "divebatch-seed0", "divebatch-seed1"]
+    assert names_of("seed: [3, 4]\n") == ["tiny-sweep-seed3", "tiny-sweep-seed4"]  # only seeds: the spec's name
+    assert names_of("optimizer.lr: [0.1, 0.05]\n") == ["lr0.1-seed0", "lr0.05-seed0"]
+    # whole plugin blocks: the name, and the params only where they tell same-named values apart
+    assert names_of("""\
+        policy:
+          - {name: fixed, params: {batch_size: 16}}
+          - {name: fixed, params: {batch_size: 1024}}
+          - {name: adabatch, params: {initial: 16}}
+        """) == ["fixed-batch_size16-seed0", "fixed-batch_size1024-seed0", "adabatch-seed0"]
+
+
+def runs_of(uri: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client, client.search_runs(ids, order_by=["attributes.start_time ASC"])
+
+
+def test_a_sweep_is_a_parent_run_with_named_nested_runs_and_its_comparison(tmp_path):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(POLICIES)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = CliRunner().invoke(main, ["run", str(spec), "--tracking-uri", uri], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "sweep: 4 of 4 runs finished" in result.output
+
+    client, runs = runs_of(uri)
+    [parent] = [r for r in runs if r.data.tags.get("dbx.sweep") == "true"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.run_name == "tiny-sweep" and parent.info.status == "FINISHED"
+    assert [r.info.run_name for r in children] == ["fixed-seed0", "fixed-seed1", "divebatch-seed0", "divebatch-seed1"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert {r.data.params["seed"] for r in children} == {"0", "1"}
+    assert children[2].data.params["policy.name"] == "divebatch"
+    assert "sweep.policy" in parent.data.params  # the grid itself, among the parent's params
+    attached = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
+    assert {"comparison/comparison.md", "comparison/curves.png"} <= attached
+    table = client.download_artifacts(parent.info.run_id, "comparison/comparison.md", str(tmp_path))
+    assert "| fixed (baseline) | 2 |" in open(table).read()
+
+    # dbx compare, with no selection, finds this sweep again
+    compared = CliRunner().invoke(main, ["compare", "--tracking-uri", uri, "--format", "csv"])
+    assert compared.exit_code == 0, compared.output
+    assert [line.split(",")[0] for line in compared.output.splitlines()[1:]] == ["fixed", "divebatch"]
+
+
+def test_a_failed_point_is_marked_failed_and_the_sweep_goes_on(tmp_path):
+    # lr 1e12 diverges (a RunFailed while training); batch_size -1 is refused by the policy (a
+    # UserError before training): both points are FAILED runs, the others train, exit code 1.
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(BASE.replace("synthetic_logistic", "synthetic_linear") + """\
+sweep:
+  policy.params.batch_size: [-1, 16]
+  optimizer.lr: [1.0e12, 0.05]
+""")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = CliRunner().invoke(main, ["run", str(spec), "--tracking-uri", uri], catch_exceptions=False)
+    assert result.exit_code == 1, result.output
+    assert "sweep: 1 of 4 runs finished" in result.output
+    assert "batch_size must be a positive integer" in result.output and "diverged" in result.output
+    assert "no comparison" in result.output  # a regression task has no accuracy to compare
+
+    _, runs = runs_of(uri)
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert status == {"tiny-sweep": "FAILED", "batch_size-1-lr1e+12-seed0": "FAILED",
+                      "batch_size-1-lr0.05-seed0": "FAILED", "batch_size16-lr1e+12-seed0": "FAILED",
+                      "batch_size16-lr0.05-seed0": "FINISHED"}
+    reasons = {r.info.run_name: r.data.tags.get("dbx.failure.reason") for r in runs}
+    assert reasons["batch_size-1-lr0.05-seed0"] == "input"
+    assert reasons["batch_size16-lr1e+12-seed0"] == "nonfinite_loss"
+    assert reasons["tiny-sweep"] == "points_failed"
+
+
+def test_dry_run_lists_the_points_and_starts_nothing(tmp_path):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(POLICIES)
+    result = CliRunner().invoke(main, ["run", str(spec), "--dry-run", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    assert result.exit_code == 0, result.output
+    assert "4 run(s); nothing was started" in result.output
+    assert not (tmp_path / "m.db").exists()
