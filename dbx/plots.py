@@ -89,8 +89,8 @@ def comparison_curves(groups: Sequence[Any], *, target: float | None = None) -> 
 
 def _line_with_band(ax: Any, x: Sequence[float], mean: Sequence[float], se: Sequence[float], color: str,
                     label: str, step: bool = False) -> None:
-    low = [m - s for m, s in zip(mean, se)]
-    high = [m + s for m, s in zip(mean, se)]
+    low = [m - s for m, s in zip(mean, se, strict=True)]
+    high = [m + s for m, s in zip(mean, se, strict=True)]
     if step:
         ax.step(x, mean, where="post", color=color, label=label)
         ax.fill_between(x, low, high, step="post", color=color, alpha=0.2, linewidth=0)

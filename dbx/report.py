@@ -128,7 +128,10 @@ def mean_curve(runs: Sequence[RunCurves], metric: str) -> tuple[list[int], list[
     """Per epoch, mean and standard error over the runs that have that epoch."""
     by_epoch: dict[int, list[float]] = {}
     for run in runs:
-        for epoch, value in zip(run.epochs, getattr(run, metric)):
+        values = getattr(run, metric)
+        if not values:
+            continue  # not logged by this run
+        for epoch, value in zip(run.epochs, values, strict=True):
             if value is not None and not math.isnan(value):
                 by_epoch.setdefault(epoch, []).append(value)
     epochs = sorted(by_epoch)
@@ -138,7 +141,7 @@ def mean_curve(runs: Sequence[RunCurves], metric: str) -> tuple[list[int], list[
 
 def first_epoch_reaching(epochs: Sequence[int], accuracy: Sequence[float], threshold: float) -> int | None:
     """The first epoch whose accuracy is at least ``threshold`` (1e-12 of slack for rounding)."""
-    for epoch, value in zip(epochs, accuracy):
+    for epoch, value in zip(epochs, accuracy, strict=True):
         if value >= threshold - 1e-12:
             return epoch
     return None
@@ -147,7 +150,7 @@ def first_epoch_reaching(epochs: Sequence[int], accuracy: Sequence[float], thres
 def seconds_until(run: RunCurves, epoch: int, *, with_eval: bool = False) -> float:
     """The run's training time (plus evaluation time) summed over epochs 1..``epoch``."""
     total = 0.0
-    for e, train, evaluation in zip(run.epochs, run.epoch_seconds, run.eval_seconds):
+    for e, train, evaluation in zip(run.epochs, run.epoch_seconds, run.eval_seconds, strict=True):
         if e > epoch:
             break
         total += train + (evaluation if with_eval else 0.0)
@@ -348,7 +351,7 @@ def render(comparison: Comparison, fmt: str) -> str:
         header = "| " + " | ".join(COLUMNS) + " |"
         rule = "|" + "|".join("---" if i == 0 else "--:" for i in range(len(COLUMNS))) + "|"
         body = ["| " + " | ".join(r) + " |" for r in rows(comparison)]
-        return "\n".join([header, rule, *body, "", *notes(comparison)]) + "\n"
+        return "\n".join([header, rule, *body, "", *(f"- {line}" for line in notes(comparison))]) + "\n"
     if fmt == "csv":
         return _csv(comparison)
     if fmt == "json":
@@ -359,10 +362,9 @@ def render(comparison: Comparison, fmt: str) -> str:
 
 
 def _rich_table(comparison: Comparison) -> str:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
-
-    from rich import box
 
     table = Table(title=f"target accuracy {comparison.target * 100:.2f}%  ·  baseline {comparison.baseline}",
                   title_justify="left", box=box.SIMPLE_HEAD)

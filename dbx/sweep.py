@@ -35,43 +35,31 @@ def run_sweep(spec: Any, *, uri: str, experiment: str | None = None, say: Say = 
     """Train each point of ``spec.sweep`` as a nested run; return 0, or 1 if any point failed
     (130 when interrupted: the remaining points are not started)."""
     from dbx import tracking
-    from dbx.runner import _quiet_mlflow, run_one
+    from dbx.runner import _quiet_mlflow
     from dbx.spec import expand_sweep
 
     points = expand_sweep(spec)  # a wrong grid is a SpecError (exit 2) before anything starts
     names = point_names(spec)
     _quiet_mlflow()
     tracking.check_store(uri)
-    parent = tracking.open_sweep_run(spec, uri=uri, experiment=experiment, points=dict(zip(names, (p[0] for p in points))))
+    labels = dict(zip(names, (label for label, _ in points), strict=True))
+    parent = tracking.open_sweep_run(spec, uri=uri, experiment=experiment, points=labels)
     say(f"sweep {spec.name} ({parent.run_id}): {len(points)} runs, one after the other")
     outcomes: list[PointOutcome] = []
-    interrupted = False
-    for index, ((label, point), name) in enumerate(zip(points, names), 1):
-        say(f"\n[{index}/{len(points)}] {name}  ({label})")
-        outcome = PointOutcome(name, label, "FAILED")
-        try:
-            problems = _plugin_problems(point)
-            if problems:
-                raise UserError(problems)
-            result = run_one(point, uri=uri, experiment=experiment, say=say, parent_run_id=parent.run_id,
-                             run_name=name)
-            outcome.run_id = result.run_id
-            outcome.status = {0: "FINISHED", 130: "KILLED"}.get(result.exit_code, "FAILED")
-        except RunFailed as exc:
-            outcome.message = str(exc)
-            say(f"run failed: {exc}")
-        except UserError as exc:  # this point's values are wrong; nothing was trained for it
-            outcome.message = str(exc)
-            outcome.run_id = tracking.record_failed_point(point, uri=uri, experiment=experiment, run_name=name,
-                                                          parent_run_id=parent.run_id, message=str(exc))
-            say(f"error in this point: {exc}")
-        except KeyboardInterrupt:
-            outcome.status = "KILLED"
-        outcomes.append(outcome)
-        if outcome.status == "KILLED":
-            interrupted = True
-            break
+    try:
+        for index, ((label, point), name) in enumerate(zip(points, names, strict=True), 1):
+            say(f"\n[{index}/{len(points)}] {name}  ({label})")
+            outcomes.append(_run_point(point, name, label, uri=uri, experiment=experiment,
+                                       parent_run_id=parent.run_id, say=say))
+            if outcomes[-1].status == "KILLED":
+                break
+    except KeyboardInterrupt:  # between two points
+        outcomes.append(PointOutcome("(between runs)", "", "KILLED"))
+    except BaseException:  # a bug in dbx itself: the parent must not stay RUNNING
+        parent.finish("FAILED", failure={"reason": "exception", "message": "the sweep itself crashed"})
+        raise
 
+    interrupted = any(o.status == "KILLED" for o in outcomes)
     failed = [o for o in outcomes if o.status == "FAILED"]
     say("\n" + sweep_summary(outcomes, len(points)))
     parent.log_text(json.dumps([o.__dict__ for o in outcomes], indent=2), "sweep/points.json")
@@ -85,6 +73,40 @@ def run_sweep(spec: Any, *, uri: str, experiment: str | None = None, say: Say = 
     if interrupted:
         return 130
     return 1 if failed else 0
+
+
+def _run_point(point: Any, name: str, label: str, *, uri: str, experiment: str | None, parent_run_id: str,
+               say: Say) -> PointOutcome:
+    """Train one point; whatever goes wrong in it is its outcome, never the end of the sweep."""
+    from dbx import tracking
+    from dbx.runner import run_one
+
+    outcome = PointOutcome(name, label, "FAILED")
+    try:
+        problems = _plugin_problems(point)
+        if problems:
+            raise UserError(problems)
+        result = run_one(point, uri=uri, experiment=experiment, say=say, parent_run_id=parent_run_id, run_name=name)
+        outcome.run_id = result.run_id
+        outcome.status = {0: "FINISHED", 130: "KILLED"}.get(result.exit_code, "FAILED")
+        return outcome
+    except KeyboardInterrupt:
+        outcome.status = "KILLED"
+        return outcome
+    except RunFailed as exc:  # training failed: run_one has marked the run FAILED with the reason
+        outcome.message = str(exc)
+        say(f"run failed: {exc}")
+        return outcome
+    except UserError as exc:  # this point's values are wrong; nothing was trained for it
+        outcome.message, reason = str(exc), "input"
+        say(f"error in this point: {exc}")
+    except Exception as exc:  # noqa: BLE001 - e.g. a plugin that crashes while being built
+        outcome.message, reason = f"{type(exc).__name__}: {exc}", "exception"
+        say(f"error in this point: {outcome.message}")
+    outcome.run_id = tracking.record_failed_point(point, uri=uri, experiment=experiment, run_name=name,
+                                                  parent_run_id=parent_run_id, message=outcome.message,
+                                                  reason=reason)
+    return outcome
 
 
 def sweep_summary(outcomes: list[PointOutcome], total: int) -> str:
@@ -142,7 +164,7 @@ def point_names(spec: Any) -> list[str]:
     seeds = sweep.get("seed")
     names: list[str] = []
     for combo in itertools.product(*(range(len(sweep[k])) for k in sweep)):
-        chosen = dict(zip(sweep, combo))
+        chosen = dict(zip(sweep, combo, strict=True))
         parts = [tokens_per_key[i][chosen[key]] for i, key in enumerate(keys)]
         parts = [p for p in parts if p] or [spec.name]
         seed = seeds[chosen["seed"]] if seeds is not None else spec.seed

@@ -315,16 +315,17 @@ def open_sweep_run(spec: Any, *, uri: str, experiment: str | None, points: dict[
 
 
 def record_failed_point(spec: Any, *, uri: str, experiment: str | None, run_name: str, parent_run_id: str,
-                        message: str) -> str:
-    """A FAILED child run for a sweep point whose own input was wrong, so the UI shows the point
-    and why; nothing was trained for it. Returns the run id."""
+                        message: str, reason: str = "input") -> str:
+    """A FAILED child run for a sweep point that could not start (its own input was wrong, or a
+    plugin crashed while being built), so the UI shows the point and why; nothing was trained for
+    it. Returns the run id."""
     from mlflow.entities import Param
 
     client = _client(uri)
     experiment_id = ensure_experiment(client, uri, experiment or spec.tracking.experiment or spec.name)
     run = client.create_run(experiment_id, run_name=run_name,
                             tags={"mlflow.parentRunId": parent_run_id, "dbx.spec.name": spec.name,
-                                  "dbx.failure.reason": "input", "dbx.failure.message": message[:5000]})
+                                  "dbx.failure.reason": reason, "dbx.failure.message": message[:5000]})
     params = [Param(k, v[:6000]) for k, v in spec.flat_params().items()]
     for i in range(0, len(params), MAX_PARAMS):
         client.log_batch(run.info.run_id, params=params[i:i + MAX_PARAMS])

@@ -101,7 +101,7 @@ def log_run(client, experiment_id, name, accuracy, seconds, *, parent=None, stat
     run = client.create_run(experiment_id, run_name=name, tags=tags)
     metrics = []
     cumulative = 0.0
-    for epoch, (acc, sec) in enumerate(zip(accuracy, seconds), 1):
+    for epoch, (acc, sec) in enumerate(zip(accuracy, seconds, strict=True), 1):
         cumulative += sec
         for key, value in {"test_accuracy": acc, "epoch_seconds": sec, "eval_seconds": 0.5, "train_seconds": cumulative,
                            "wall_seconds": cumulative + 0.5 * epoch, "batch_size": 32.0 * epoch, "lr": 0.1}.items():
@@ -112,12 +112,14 @@ def log_run(client, experiment_id, name, accuracy, seconds, *, parent=None, stat
     return run.info.run_id
 
 
-@pytest.fixture
-def store(tmp_path):
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
     """A sqlite store with the hand-made curves as one sweep (a parent and its nested runs), one
-    FAILED run, and an experiment with no runs."""
+    FAILED run, and an experiment with no runs. Shared by the tests below, which only read it
+    (``--log`` adds artifacts to the parent, which nothing else looks at)."""
     from mlflow import MlflowClient
 
+    tmp_path = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("handmade", artifact_location=(tmp_path / "artifacts").as_uri())
@@ -158,7 +160,7 @@ def test_markdown_csv_and_table_say_not_reached(store):
     assert markdown.output.startswith("| group | runs | final acc % |")
     assert "| dive | 3 | 86.67 ± 0.33 |" in markdown.output and "not reached" in markdown.output
     csv = dbx("compare", "--tracking-uri", uri, "--parent", parent, "--format", "csv").output.splitlines()
-    header, dive = csv[0].split(","), dict(zip(csv[0].split(","), csv[2].split(",")))
+    header, dive = csv[0].split(","), dict(zip(csv[0].split(","), csv[2].split(","), strict=True))
     assert "seconds_to_target_mean" in header and dive["group"] == "dive"
     assert dive["seconds_to_target_mean"] == "" and dive["seconds_to_target_n"] == "0/3"
     table = CliRunner(env={"COLUMNS": "200"}).invoke(main, ["compare", "--tracking-uri", uri, "--parent", parent])
@@ -216,3 +218,20 @@ def test_a_missing_store_is_an_input_error(tmp_path):
     result = dbx("compare", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}")
     assert result.exit_code == 2 and "there is no MLflow store" in result.output
     assert not (tmp_path / "none.db").exists()
+
+
+def test_ui_without_a_store_is_an_input_error_and_starts_nothing(tmp_path):
+    result = dbx("ui", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}")
+    assert result.exit_code == 2 and "there is no MLflow store" in result.output
+
+
+def test_compare_and_ui_help_import_neither_torch_nor_mlflow():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom dbx.cli import main\n"
+            "for args in (['compare', '--help'], ['ui', '--help']):\n"
+            "    assert CliRunner().invoke(main, args).exit_code == 0\n"
+            "print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

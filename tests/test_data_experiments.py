@@ -65,6 +65,7 @@ def write_idx(path, array):
         f.write(array.astype(np.uint8).tobytes())
 
 
+@pytest.mark.slow
 def test_a_cpu_spec_trains_end_to_end_on_tiny_mnist(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     raw = tmp_path / "data" / "MNIST" / "raw"

@@ -303,3 +303,16 @@ def test_digits_is_always_available():
     assert splits.num_classes == 10 and set(y.tolist()) == set(range(10))
     assert torch.equal(digits(seed=0).train[0], x) and not torch.equal(digits(seed=1).train[0], x)
     assert abs(x.mean().item()) < 1e-4
+
+
+def test_tiny_imagenet_native_in_memory(tmp_path):
+    write_tiny_imagenet(tmp_path)
+    in_memory = tiny_imagenet(root=str(tmp_path), native=True, device_resident=True)
+    (x, y), (xt, yt) = in_memory.train, in_memory.test
+    assert x.shape == (6, 3, 64, 64) and x.dtype == torch.float32 and xt.shape == (6, 3, 64, 64)
+    assert in_memory.augment.padding == 4 and in_memory.augment.flip
+    per_image = tiny_imagenet(root=str(tmp_path), native=True, augment=False)
+    image, label = per_image.train[4]
+    assert torch.allclose(image, x[4], atol=1e-5) and label == y[4].item()
+    with pytest.raises(UserError, match="native"):
+        tiny_imagenet(root=str(tmp_path), device_resident=True)

@@ -162,3 +162,11 @@ def test_default_workers_only_on_a_gpu():
     loader = loader_for("dataset", batch_size=4, shuffle=False)
     assert loader.num_workers == 0 and not loader.pin_memory
     assert "num_workers=0" in repr(loader)
+
+
+def test_the_epoch_is_fixed_at_iter_not_at_the_first_batch(kind):
+    loader = loader_for(kind, n=10, batch_size=5, shuffle=True)
+    it = iter(loader)
+    loader.set_batch_size(2)  # after iter(): the epoch already started at 5
+    assert [len(y) for _, y in it] == [5, 5]
+    assert [len(y) for _, y in loader] == [2] * 5

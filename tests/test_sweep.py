@@ -118,3 +118,41 @@ def test_dry_run_lists_the_points_and_starts_nothing(tmp_path):
     assert result.exit_code == 0, result.output
     assert "4 run(s); nothing was started" in result.output
     assert not (tmp_path / "m.db").exists()
+
+
+def test_the_synthetic_specs_are_valid_and_the_sweep_is_the_four_methods_times_five_seeds():
+    from pathlib import Path
+
+    from dbx.checks import check_spec_file
+
+    folder = Path(__file__).resolve().parent.parent / "experiments" / "synthetic"
+    specs = {p.stem: check_spec_file(str(p)) for p in sorted(folder.glob("*.yaml"))}
+    assert set(specs) == {"sgd_small", "sgd_large", "adabatch", "divebatch", "sweep"}
+    sweep = specs.pop("sweep")
+    assert [p["name"] for p in sweep.sweep["policy"]] == ["fixed", "fixed", "adabatch", "divebatch"]
+    for single, value in zip(("sgd_small", "sgd_large", "adabatch", "divebatch"), sweep.sweep["policy"], strict=True):
+        assert specs[single].policy.model_dump() == value, single  # the single specs are the sweep's points
+        assert specs[single].data == sweep.data and specs[single].optimizer == sweep.optimizer
+    assert point_names(sweep)[::5] == ["fixed-batch_size32-seed0", "fixed-batch_size1024-seed0", "adabatch-seed0",
+                                       "divebatch-seed0"]
+    assert len(point_names(sweep)) == 20
+
+
+def test_ctrl_c_in_a_point_stops_the_sweep_and_marks_the_parent_killed(tmp_path, monkeypatch):
+    from dbx import runner
+
+    calls = []
+
+    def fake_run_one(point, **kwargs):  # the first point finishes, Ctrl-C arrives in the second
+        calls.append(kwargs["run_name"])
+        return runner.RunResult(0 if len(calls) == 1 else 130)
+
+    monkeypatch.setattr(runner, "run_one", fake_run_one)
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(POLICIES)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = CliRunner().invoke(main, ["run", str(spec), "--tracking-uri", uri], catch_exceptions=False)
+    assert result.exit_code == 130, result.output
+    assert calls == ["fixed-seed0", "fixed-seed1"] and "(2 not started)" in result.output
+    _, [parent] = runs_of(uri)
+    assert parent.info.status == "KILLED"

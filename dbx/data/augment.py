@@ -38,6 +38,7 @@ class ImageAugment:
         self.flip = bool(flip)
         self.rotation = float(rotation)
         self.fill = tuple(float(f) for f in fill)
+        self._fills: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         fill = self._fill(images)
@@ -48,8 +49,12 @@ class ImageAugment:
         return images
 
     def _fill(self, images: torch.Tensor) -> torch.Tensor:
-        fill = torch.tensor(self.fill, dtype=images.dtype, device=images.device)
-        return fill.expand(images.shape[1]).reshape(1, -1, 1, 1)
+        # Made once per device and dtype: a host-to-device copy per batch would stall the step.
+        key = (images.device, images.dtype, images.shape[1])
+        if key not in self._fills:
+            fill = torch.tensor(self.fill, dtype=images.dtype).expand(images.shape[1]).reshape(1, -1, 1, 1)
+            self._fills[key] = fill.to(images.device)
+        return self._fills[key]
 
     def __repr__(self) -> str:
         return f"ImageAugment(padding={self.padding}, flip={self.flip}, rotation={self.rotation})"

@@ -108,12 +108,18 @@ class TensorLoader(BatchLoader):
         self.targets = targets.to(self.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # The batch size and the order are fixed here, at iter(), not at the first next().
         n, size = self._num_samples, self._batch_size
         if not self.shuffle:
-            for start in range(0, n, size):  # contiguous slices: views, no copy
+            return self._batches(None, size)
+        order = torch.randperm(n, generator=self.generator).to(self.device, non_blocking=True)
+        return self._batches(order, size)
+
+    def _batches(self, order: torch.Tensor | None, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if order is None:
+            for start in range(0, self._num_samples, size):  # contiguous slices: views, no copy
                 yield self._augmented(self.inputs[start:start + size]), self.targets[start:start + size]
             return
-        order = torch.randperm(n, generator=self.generator).to(self.device, non_blocking=True)
         for index in order.split(size):
             yield self._augmented(self.inputs[index]), self.targets[index]
 
@@ -149,6 +155,9 @@ class DatasetLoader(BatchLoader):
             drop_last=False,
             prefetch_factor=4 if self.num_workers > 0 else None,
         )
+        return self._batches(iter(loader))  # draws the order (and starts workers) now
+
+    def _batches(self, loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for inputs, targets in loader:
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)

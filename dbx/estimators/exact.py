@@ -66,7 +66,7 @@ class ExactEstimator:
         self._reset_sums()
 
     def _reset_sums(self) -> None:
-        self._sum_sq = None  # (layers,) float32: sum over samples of per-layer ||g_i||^2
+        self._sum_sq = None  # (layers,) float64: sum over samples of per-layer ||g_i||^2
         self._sum_grad: list[Any] = []  # float32 copies of the parameters: sum over samples of g_i
         self._samples = 0
         self._seconds = 0.0
@@ -87,7 +87,7 @@ class ExactEstimator:
         self._layer_of_param = [layer.index for layer in hooks.layers for _ in layer.params]
         self._reset_sums()
         device = self._params[0].device
-        self._sum_sq = torch.zeros(len(hooks.layers), dtype=torch.float32, device=device)
+        self._sum_sq = torch.zeros(len(hooks.layers), dtype=torch.float64, device=device)
         self._sum_grad = [torch.zeros_like(p, dtype=torch.float32) for p in self._params]
         hooks.attach()
         self._seconds = time.perf_counter() - start
@@ -128,10 +128,11 @@ class ExactEstimator:
             return DiversityEstimate(value=math.nan, samples=0, seconds=0.0)
         hooks = self._hooks
         n_layers = len(hooks.layers)
-        param_sq = torch.stack(torch._foreach_norm(self._sum_grad)).square()
+        # square().sum() in float64, not _foreach_norm: on CPU that accumulates naively (1e-4 off at 1M entries)
+        param_sq = torch.stack([s.square().sum(dtype=torch.float64) for s in self._sum_grad])
         index = torch.tensor(self._layer_of_param, device=param_sq.device)
-        layer_sq_of_sum = torch.zeros(n_layers, dtype=torch.float32, device=param_sq.device).index_add_(0, index, param_sq)
-        both = torch.stack([self._sum_sq, layer_sq_of_sum]).double()
+        layer_sq_of_sum = torch.zeros(n_layers, dtype=torch.float64, device=param_sq.device).index_add_(0, index, param_sq)
+        both = torch.stack([self._sum_sq, layer_sq_of_sum])
         sum_sq, sq_of_sum = both.sum(1).tolist()  # the one host synchronisation
         per_layer: dict[str, float] = {}
         if self.per_layer:

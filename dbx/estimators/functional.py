@@ -42,7 +42,7 @@ class PerSampleSqNorms:
     grad_sum: dict[str, Tensor] = field(default_factory=dict)
 
     def diversity(self) -> float:
-        sq_of_sum = sum(float(g.double().square().sum()) for g in self.grad_sum.values())
+        sq_of_sum = sum(float(g.square().sum(dtype=torch.float64)) for g in self.grad_sum.values())
         sum_sq = float(self.total.double().sum())
         if sq_of_sum > 0:
             return sum_sq / sq_of_sum
@@ -168,7 +168,8 @@ def per_sample_grads_func(model: nn.Module, loss_fn: Callable[..., Tensor], inpu
 
 
 def _sq_rows(g: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float32).square()
+    g = g.flatten(1)
+    return (g if g.dtype in (torch.float32, torch.float64) else g.float()).square().sum(1)
 
 
 def _param_names(model: nn.Module) -> dict[int, str]:

@@ -210,7 +210,7 @@ class NormHooks:
             self._touched.append(layer)
         layer.calls += 1
         layer.fired = True
-        ctx = layer.kernel.capture(module, x)
+        ctx = layer.kernel.capture(module, x, output)
         output.register_hook(partial(self._grad_hook, layer, ctx))
         self.seconds += time.perf_counter() - start
 

@@ -55,12 +55,22 @@ FORMS = ("auto", "ghost", "explicit")
 
 
 def _sq(x: Tensor, dim: int | tuple[int, ...]) -> Tensor:
-    """Squared 2-norm over ``dim``, computed in float32."""
-    return torch.linalg.vector_norm(x, dim=dim, dtype=torch.float32).square()
+    """Squared 2-norm over ``dim``, in float32 at least.
+
+    ``square().sum()`` rather than ``linalg.vector_norm``: on CPU the latter accumulates naively and
+    loses about 1e-4 (relative) over a million elements; ``sum`` uses a cascade.
+    """
+    return _f32(x).square().sum(dim)
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    """The accumulation dtype for ``x``: float32, or float64 for float64 tensors."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _f32(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float32 else x.float()
+    """``x`` in float32 if it is in a lower precision (float64 stays float64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _cat(parts: list[Tensor], dim: int) -> Tensor:
@@ -112,7 +122,7 @@ class Kernel:
     name: str
     types: tuple[type, ...]
     sq_norms: Callable[[nn.Module, list, list[Tensor], str], Tensor]
-    capture: Callable[[nn.Module, Tensor], object] = lambda module, x: x
+    capture: Callable[[nn.Module, Tensor, Tensor], object] = lambda module, x, output: x
     param_names: tuple[str, ...] = ("weight", "bias")
 
 
@@ -134,9 +144,9 @@ def _linear_sq_norms(module: nn.Linear, xs: list[Tensor], gs: list[Tensor], form
             parts = [sum_outer_sq_norms(a[s:e], g[s:e], form) for s, e in _chunks(n, _outer_cost(t, i, o))]
             total = _cat(parts, 0)
     if _trainable(module, "bias"):
-        bias = _sq(g[:, 0], 1) if t == 1 else _sq(g.sum(1, dtype=torch.float32), 1)
+        bias = _sq(g[:, 0], 1) if t == 1 else _sq(g.sum(1, dtype=_acc(g)), 1)
         total = bias if total is None else total + bias
-    return total if total is not None else g.new_zeros(n, dtype=torch.float32)
+    return total if total is not None else g.new_zeros(n, dtype=_acc(g))
 
 
 def _conv_geometry(module: nn.Module) -> tuple[tuple[int, int], ...]:
@@ -266,11 +276,11 @@ def _conv_sq_norms(module: nn.Module, xs: list[Tensor], gs: list[Tensor], form: 
     if _trainable(module, "bias"):
         gb = None
         for y in gs:
-            part = y.reshape(n, c_out, -1).sum(-1, dtype=torch.float32)
+            part = y.reshape(n, c_out, -1).sum(-1, dtype=_acc(y))
             gb = part if gb is None else gb + part
         bias = _sq(gb, 1)
         total = bias if total is None else total + bias
-    return total if total is not None else gs[0].new_zeros(n, dtype=torch.float32)
+    return total if total is not None else gs[0].new_zeros(n, dtype=_acc(gs[0]))
 
 
 def _conv_weight_sq_norms_concat(module: nn.Module, xs: list[Tensor], gs: list[Tensor], form: str) -> Tensor:
@@ -303,7 +313,7 @@ def _channel_affine(module: nn.Module, xhats: list[Tensor], gs: list[Tensor]) ->
         if _trainable(module, "bias"):
             b = y3.sum(-1)
             gb = b if gb is None else gb + b
-    total = torch.zeros(n, dtype=torch.float32, device=gs[0].device)
+    total = torch.zeros(n, dtype=_acc(gs[0]), device=gs[0].device)
     if gw is not None:
         total = total + _sq(gw, 1)
     if gb is not None:
@@ -323,7 +333,7 @@ def _feature_affine(module: nn.Module, xhats: list[Tensor], gs: list[Tensor], fe
         if _trainable(module, "bias"):
             b = y3.sum(1)
             gb = b if gb is None else gb + b
-    total = torch.zeros(n, dtype=torch.float32, device=gs[0].device)
+    total = torch.zeros(n, dtype=_acc(gs[0]), device=gs[0].device)
     if gw is not None:
         total = total + _sq(gw, 1)
     if gb is not None:
@@ -331,24 +341,43 @@ def _feature_affine(module: nn.Module, xhats: list[Tensor], gs: list[Tensor], fe
     return total
 
 
-def _batchnorm_capture(module: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
-    # The statistics the forward used: the batch's in training mode (or without running stats).
-    return x, module.training or (module.running_mean is None and module.running_var is None)
+#: autograd nodes of batch norm whose saved results 1 and 2 are the batch mean and inverse std
+_BN_NODES = ("NativeBatchNormBackward0", "CudnnBatchNormBackward0")
+
+
+def _batchnorm_capture(module: nn.Module, x: Tensor, output: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The input and the statistics the forward normalised with (mean, inverse std per channel)."""
+    if not (module.training or (module.running_mean is None and module.running_var is None)):
+        return x, None, None  # running statistics, read at backward time (eval mode does not update them)
+    node = output.grad_fn
+    if type(node).__name__ in _BN_NODES and getattr(node, "_saved_training", False):
+        mean, invstd = node._saved_result1, node._saved_result2  # kept by autograd for its own backward
+        if mean.numel() == x.shape[1] and invstd.numel() == x.shape[1]:
+            return x, mean, invstd
+    var, mean = torch.var_mean(_f32(x).transpose(0, 1).reshape(x.shape[1], -1), dim=1, correction=0)
+    return x, mean, torch.rsqrt(var + module.eps)
 
 
 def _batchnorm_sq_norms(module: nn.Module, ctxs: list, gs: list[Tensor], form: str) -> Tensor:
-    xhats = []
-    for x, batch_stats in ctxs:
-        if batch_stats:
-            xhat = F.batch_norm(_f32(x), None, None, training=True, momentum=0.0, eps=module.eps)
-        else:
-            xhat = F.batch_norm(_f32(x), _f32(module.running_mean), _f32(module.running_var),
-                                training=False, eps=module.eps)
-        xhats.append(xhat)
-    return _channel_affine(module, xhats, gs)
+    # per sample i and channel c: dL/dweight = invstd_c * (sum_s b*x - mean_c * sum_s b), dL/dbias = sum_s b
+    n, c = gs[0].shape[0], gs[0].shape[1]
+    gw = gb = None
+    for (x, mean, invstd), y in zip(ctxs, gs):
+        if mean is None:
+            mean, invstd = module.running_mean, torch.rsqrt(_f32(module.running_var) + module.eps)
+        y3 = _f32(y.reshape(n, c, -1))
+        bias = y3.sum(-1)
+        if _trainable(module, "weight"):
+            w = (torch.linalg.vecdot(y3, _f32(x.reshape(n, c, -1))) - mean.to(y3.dtype) * bias) * invstd.to(y3.dtype)
+            gw = w if gw is None else gw + w
+        gb = bias if gb is None else gb + bias
+    total = _sq(gw, 1) if gw is not None else torch.zeros(n, dtype=_acc(gs[0]), device=gs[0].device)
+    if _trainable(module, "bias"):
+        total = total + _sq(gb, 1)
+    return total
 
 
-def _instancenorm_capture(module: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
+def _instancenorm_capture(module: nn.Module, x: Tensor, output: Tensor) -> tuple[Tensor, bool]:
     return x, module.training or not module.track_running_stats
 
 
@@ -403,11 +432,11 @@ def _embedding_sq_norms(module: nn.Embedding, xs: list[Tensor], gs: list[Tensor]
     starts = torch.ones_like(keys, dtype=torch.bool)
     starts[1:] = keys[1:] != keys[:-1]
     segment = starts.cumsum(0) - 1
-    sums = torch.zeros(keys.numel(), d, dtype=torch.float32, device=g.device)
+    sums = torch.zeros(keys.numel(), d, dtype=g.dtype, device=g.device)
     sums.index_add_(0, segment, g.reshape(-1, d)[order])
     segment_sample = torch.zeros(keys.numel(), dtype=torch.long, device=g.device)
     segment_sample.scatter_(0, segment, keys // vocab)
-    out = torch.zeros(n, dtype=torch.float32, device=g.device)
+    out = torch.zeros(n, dtype=g.dtype, device=g.device)
     return out.index_add_(0, segment_sample, _sq(sums, 1))
 
 

@@ -115,7 +115,7 @@ class SubsampledEstimator:
                     per_layer_sq[key] = v.double().sum() + per_layer_sq.get(key, 0.0)
         finally:
             model.train(was_training)
-        sq_of_sum = torch.stack([g.double().square().sum() for g in grad_sum.values()]).sum()
+        sq_of_sum = torch.stack([g.square().sum(dtype=torch.float64) for g in grad_sum.values()]).sum()
         s1_m, q_m = torch.stack([sum_sq, sq_of_sum]).tolist()
         if self.extrapolate:
             s1, q = extrapolate_to_population(s1_m, q_m, m, n)

@@ -1,0 +1,346 @@
+"""What a measuring step costs: dbx's ``exact`` estimator against the other ways to get per-sample norms.
+
+For a CIFAR-shaped ResNet-18 (3x3 stem, no max-pool; dbx's ``resnet18_cifar``) and an MLP, at
+B = 32 and 128, each method runs the same training steps (SGD with momentum, cross-entropy) on the
+same model and data, and the table shows its step time and peak memory as ratios to a plain
+training step measured in the same run:
+
+- ``plain``: forward, backward, optimizer step; no statistic;
+- ``exact``: dbx's ``exact`` estimator (layer hooks on the step's own backward);
+- ``vmap``: the plain step plus per-sample gradients from ``torch.func.vmap(grad(...))`` in chunks
+  of samples (an extra forward and backward per sample; BatchNorm runs per sample);
+- ``backpack``: BackPACK's ``BatchL2Grad`` on the step's backward, with BatchNorm switched to eval
+  mode for the backward as the DiveBatch authors did (extra ``bench``: ``pip install .[bench]``);
+- ``opacus``: Opacus' ``GradSampleModule`` (per-sample gradients stored), norms from them.
+
+It also reports the batch's gradient diversity from each method at the first step (same weights,
+same batch): all must agree on the model without BatchNorm (the MLP); with BatchNorm the methods
+define "per-sample gradient" differently, and the table shows by how much they differ from dbx.
+
+Every (model, batch size, method) runs in a fresh process so that its peak memory can be read
+(on CPU: peak resident memory above the interpreter's after imports, i.e. parameters, gradients,
+optimizer state, activations and scratch; on CUDA: ``torch.cuda.max_memory_allocated``). On CPU,
+times are the process's CPU seconds per step with one thread by default, which stays meaningful on
+a shared machine; ``--threads 0`` uses torch's default and ``--wall`` reports wall-clock time.
+
+    python benchmarks/estimators.py                    # the default table (~3 min on 2 CPU cores)
+    python benchmarks/estimators.py --steps 5 --device cuda --batch-sizes 32,128,512
+    python benchmarks/estimators.py --models mlp --methods plain,exact,vmap
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+METHODS = ("plain", "exact", "vmap", "backpack", "opacus")
+MODELS = ("resnet18", "mlp")
+
+
+# ----------------------------------------------------------------------------------------------
+# One measurement (runs in its own process)
+# ----------------------------------------------------------------------------------------------
+
+
+def build_model(name: str):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)  # same initial weights for every method
+    if name == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                             nn.Linear(512, 10))
+    try:
+        from dbx.models.resnet import resnet18_cifar
+
+        return resnet18_cifar(num_classes=10, input_shape=(3, 32, 32))
+    except ImportError:  # dbx's model zoo not there: the same network from torchvision
+        import torchvision
+
+        model = torchvision.models.resnet18(num_classes=10)
+        model.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+        return model
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class Method:
+    """Set up once, then ``step()`` is one training step with the statistic; ``norms_step0`` holds
+    the first step's per-sample squared norms (summed over parameters) and batch gradient norm."""
+
+    def __init__(self, name, model, loss_fn, x, y, device):
+        import torch
+
+        self.name, self.model, self.loss_fn, self.x, self.y = name, model, loss_fn, x, y
+        self.batch = x.shape[0]
+        self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        self.diversity: float | None = None
+        getattr(self, f"setup_{name}")()
+
+    # -- helpers --------------------------------------------------------------------------------
+    def forward_backward(self, model=None):
+        loss = self.loss_fn((model or self.model)(self.x), self.y, reduction="sum") / self.batch
+        loss.backward()
+
+    def finish(self, sq_norms=None):
+        if self.diversity is None and sq_norms is not None:  # per-sample norms of the unscaled losses
+            grad_sq = sum(p.grad.double().square().sum() for p in self.model.parameters() if p.grad is not None)
+            self.diversity = float(sq_norms.double().sum() / (grad_sq * self.batch ** 2))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    # -- plain ------------------------------------------------------------------------------------
+    def setup_plain(self):
+        pass
+
+    def step_plain(self):
+        self.forward_backward()
+        self.finish()
+
+    # -- dbx exact --------------------------------------------------------------------------------
+    def setup_exact(self):
+        from dbx.estimators import ExactEstimator
+
+        self.estimator = ExactEstimator()
+        self.estimator.attach(self.model)
+        self.steps = 0
+
+    def step_exact(self):
+        self.forward_backward()
+        self.estimator.on_backward(1.0 / self.batch)
+        self.estimator.on_step(1.0 / self.batch)
+        self.steps += 1
+        if self.steps == 1:  # the first step's batch diversity, for the agreement check
+            self.diversity = self.estimator.estimate(self.model, self.loss_fn, None).value
+        self.finish()
+
+    # -- torch.func -------------------------------------------------------------------------------
+    def setup_vmap(self):
+        import copy
+
+        from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
+
+        per_sample_model = replace_all_batch_norm_modules_(copy.deepcopy(self.model))  # no running stats
+        buffers = dict(per_sample_model.named_buffers())
+        loss_fn = self.loss_fn
+
+        def one(params, x, y):
+            out = functional_call(per_sample_model, (params, buffers), (x.unsqueeze(0),))
+            return loss_fn(out, y.unsqueeze(0), reduction="sum")
+
+        self.per_sample_grads = vmap(grad(one), in_dims=(None, 0, 0), randomness="different")
+        self.chunk = 16  # per-sample gradients of 16 samples at a time: memory stays bounded
+
+    def step_vmap(self):
+        import torch
+
+        self.forward_backward()
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        sq = []
+        for s in range(0, self.batch, self.chunk):
+            grads = self.per_sample_grads(params, self.x[s:s + self.chunk], self.y[s:s + self.chunk])
+            sq.append(sum(g.flatten(1).float().square().sum(1) for g in grads.values()))
+        self.finish(torch.cat(sq))
+
+    # -- BackPACK -----------------------------------------------------------------------------------
+    def setup_backpack(self):
+        from backpack import extend
+
+        self.model = extend(self.model)
+        self.bn = [m for m in self.model.modules() if "BatchNorm" in type(m).__name__]
+
+    def step_backpack(self):
+        from backpack import backpack
+        from backpack.extensions import BatchL2Grad
+
+        loss = self.loss_fn(self.model(self.x), self.y, reduction="sum") / self.batch
+        for m in self.bn:  # as the DiveBatch authors: BatchNorm in eval mode for the backward
+            m.eval()
+        with backpack(BatchL2Grad()):
+            loss.backward()
+        for m in self.bn:
+            m.train()
+        sq = sum(p.batch_l2 for p in self.model.parameters()) * self.batch ** 2
+        self.finish(sq)
+
+    # -- Opacus ---------------------------------------------------------------------------------------
+    def setup_opacus(self):
+        from opacus import GradSampleModule
+
+        self.wrapped = GradSampleModule(self.model, loss_reduction="sum", strict=False)
+
+    def step_opacus(self):
+        self.forward_backward(self.wrapped)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        sq = sum(p.grad_sample.flatten(1).float().square().sum(1) for p in params) * self.batch ** 2
+        for p in params:
+            p.grad_sample = None
+        self.finish(sq)
+
+
+def measure(model_name: str, batch: int, method: str, device: str, warmup: int, steps: int, threads: int,
+            wall: bool) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if method == "backpack":
+        import backpack  # noqa: F401 - import cost and memory before the baseline
+    if method == "opacus":
+        import opacus  # noqa: F401
+    import dbx.estimators.exact  # noqa: F401
+    cuda = device.startswith("cuda")
+    baseline = peak_rss_bytes()
+    model = build_model(model_name).to(device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    runner = Method(method, model, F.cross_entropy, x, y, device)
+    step = getattr(runner, f"step_{method}")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = (time.perf_counter() - start_wall) if (wall or cuda) else (time.process_time() - start_cpu)
+        if i >= warmup:
+            times.append(elapsed)
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes() - baseline
+    times.sort()
+    return {"seconds": times[len(times) // 2], "all_seconds": times, "peak_bytes": peak, "diversity": runner.diversity}
+
+
+# ----------------------------------------------------------------------------------------------
+# The table (parent process)
+# ----------------------------------------------------------------------------------------------
+
+
+def available(method: str) -> str | None:
+    """None if the method can run here, else why not."""
+    module = {"backpack": "backpack", "opacus": "opacus"}.get(method)
+    if module is None:
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        return "not installed (pip install .[bench])"
+    return None
+
+
+def run_child(args, model: str, batch: int, method: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", model, str(batch), method, "--device", args.device,
+           "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
+    if args.wall:
+        cmd.append("--wall")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"over {args.timeout}s"}
+    if out.returncode != 0:
+        lines = [ln for ln in (out.stderr or out.stdout).strip().splitlines() if ln.strip()]
+        last = lines[-1] if lines else f"exit {out.returncode}"
+        if out.returncode < 0 or "MemoryError" in last or "Killed" in last:
+            last = f"killed ({last})"
+        return {"error": last[:90]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {MODELS}")
+    parser.add_argument("--batch-sizes", default="32,128")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {METHODS}")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps (the median is shown)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU; 0 = torch's default")
+    parser.add_argument("--wall", action="store_true", help="wall-clock instead of CPU time on CPU")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per (model, batch, method)")
+    parser.add_argument("--json", help="also write the raw results to this file")
+    parser.add_argument("--child", nargs=3, metavar=("MODEL", "BATCH", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.child:
+        model, batch, method = args.child
+        result = measure(model, int(batch), method, args.device, args.warmup, args.steps, args.threads, args.wall)
+        print(json.dumps(result))
+        return 0
+
+    models = [m for m in args.models.split(",") if m]
+    batches = [int(b) for b in args.batch_sizes.split(",") if b]
+    methods = [m for m in args.methods.split(",") if m]
+    if "plain" not in methods:
+        methods.insert(0, "plain")
+    import platform
+
+    import torch
+
+    clock = "wall-clock s" if (args.wall or args.device != "cpu") else "CPU s"
+    threads = args.threads or torch.get_num_threads()
+    print(f"# dbx estimator benchmark: torch {torch.__version__}, device {args.device}"
+          + (f" ({threads} thread{'s' if threads > 1 else ''}, {platform.processor() or platform.machine()})"
+             if args.device == "cpu" else f" ({torch.cuda.get_device_name(args.device)})")
+          + f", {args.warmup} warm-up + {args.steps} timed steps (median), {clock} per step")
+    results: dict[str, Any] = {}
+    start = time.perf_counter()
+    for model in models:
+        for batch in batches:
+            row = {}
+            for method in methods:
+                why = available(method)
+                row[method] = {"error": why} if why else run_child(args, model, batch, method)
+            results[f"{model}/B={batch}"] = row
+            print_block(model, batch, methods, row)
+    print(f"# total {time.perf_counter() - start:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+def print_block(model: str, batch: int, methods: list[str], row: dict[str, Any]) -> None:
+    plain, exact = row.get("plain", {}), row.get("exact", {})
+    print(f"\n{model}, B={batch}" + (" (BatchNorm)" if model == "resnet18" else " (no BatchNorm)"))
+    print(f"  {'method':<9} {'step s':>8} {'x plain':>8} {'peak MiB':>9} {'x plain':>8} {'diversity':>11} {'vs exact':>9}")
+    for method in methods:
+        r = row[method]
+        if "error" in r:
+            print(f"  {method:<9} {'-':>8} {'-':>8} {'-':>9} {'-':>8} {'-':>11} {'-':>9}  {r['error']}")
+            continue
+        t_ratio = r["seconds"] / plain["seconds"] if "seconds" in plain else float("nan")
+        m_ratio = r["peak_bytes"] / plain["peak_bytes"] if plain.get("peak_bytes") else float("nan")
+        div = r.get("diversity")
+        vs = ""
+        if div is not None and exact.get("diversity"):
+            vs = f"{(div - exact['diversity']) / exact['diversity']:+.1e}" if method != "exact" else "="
+        print(f"  {method:<9} {r['seconds']:8.3f} {t_ratio:7.2f}x {r['peak_bytes'] / 2**20:9.0f} {m_ratio:7.2f}x "
+              f"{(f'{div:.5g}' if div is not None else ''):>11} {vs:>9}")
+    if model != "resnet18":
+        diffs = [abs(row[m]["diversity"] - exact["diversity"]) / exact["diversity"] for m in methods
+                 if m not in ("plain", "exact") and row[m].get("diversity") is not None and exact.get("diversity")]
+        if diffs:
+            verdict = "agree" if max(diffs) < 1e-4 else "DISAGREE"
+            print(f"  diversity without BatchNorm: all methods {verdict} with exact (max relative difference {max(diffs):.1e})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
