@@ -187,6 +187,16 @@ class Method:
         self.finish(sq)
 
 
+def warm_up_torch(device: str) -> None:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    tiny = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 8 * 8, 10)).to(device)
+    F.cross_entropy(tiny(torch.randn(2, 3, 8, 8, device=device)), torch.tensor([0, 1], device=device)).backward()
+
+
 def measure(model_name: str, batch: int, method: str, device: str, warmup: int, steps: int, threads: int,
             wall: bool) -> dict[str, Any]:
     import torch
@@ -200,6 +210,7 @@ def measure(model_name: str, batch: int, method: str, device: str, warmup: int, 
         import opacus  # noqa: F401
     import dbx.estimators.exact  # noqa: F401
     cuda = device.startswith("cuda")
+    warm_up_torch(device)  # torch's lazy initialisation is not the method's memory
     baseline = peak_rss_bytes()
     model = build_model(model_name).to(device)
     g = torch.Generator().manual_seed(1)

@@ -158,11 +158,12 @@ def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say) -> RunResu
 def describe_points(spec: Any, say: Say) -> int:
     """What ``dbx run`` would train, one line per run, without starting anything."""
     from dbx.spec import expand_sweep
+    from dbx.sweep import point_names
 
     points = expand_sweep(spec)
-    for index, (label, point) in enumerate(points, 1):
-        say(f"{index:>3}. {point.name}-seed{point.seed}  {label or '(single run)'}  "
-            f"policy={point.policy.name} epochs={point.epochs}")
+    names = point_names(spec) if spec.sweep else [f"{spec.name}-seed{spec.seed}"]
+    for index, ((label, point), name) in enumerate(zip(points, names), 1):
+        say(f"{index:>3}. {name}  {label or '(single run)'}  policy={point.policy.name} epochs={point.epochs}")
     say(f"{len(points)} run(s); nothing was started (--dry-run)")
     return 0
 

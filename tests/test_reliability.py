@@ -66,7 +66,7 @@ def kill_during_epoch(spec: Path, folder: Path, after_checkpoint: int) -> str:
     log = open(folder / "run.log", "w")
     process = subprocess.Popen([sys.executable, "-m", "dbx.cli", "run", str(spec), "--tracking-uri", store(folder)],
                                stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600
     pattern = f"dbx-checkpoints/*/epoch-{after_checkpoint:04d}.ckpt"
     while not list(folder.glob(pattern)):
         assert process.poll() is None, (folder / "run.log").read_text()
@@ -240,7 +240,7 @@ def test_ctrl_c_marks_the_run_killed_and_it_can_be_resumed(tmp_path):
     log = open(folder / "run.log", "w")
     process = subprocess.Popen([sys.executable, "-m", "dbx.cli", "run", str(spec), "--tracking-uri", store(folder)],
                                stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600
     while not list(folder.glob("dbx-checkpoints/*/epoch-0001.ckpt")):
         assert process.poll() is None and time.monotonic() < deadline, (folder / "run.log").read_text()
         time.sleep(0.05)

@@ -48,8 +48,8 @@ class Summary:
 
     epochs: int
     final_batch_size: int
-    train_seconds: float
-    eval_seconds: float
+    total_train_seconds: float  # not "train_seconds": that name is the per-epoch cumulative metric
+    total_eval_seconds: float
     final_test_loss: float
     final_test_accuracy: float | None = None
     best_test_accuracy: float | None = None
@@ -250,8 +250,8 @@ def summarize(spec: Any, state: RunState) -> Summary:
     """Final and best accuracy, and when the target accuracy was first reached (training time)."""
     last = state.history[-1]
     summary = Summary(
-        epochs=state.epoch, final_batch_size=state.batch_size, train_seconds=state.train_seconds,
-        eval_seconds=state.eval_seconds, final_test_loss=last["test_loss"])
+        epochs=state.epoch, final_batch_size=state.batch_size, total_train_seconds=state.train_seconds,
+        total_eval_seconds=state.eval_seconds, final_test_loss=last["test_loss"])
     accuracies = [h["test_accuracy"] for h in state.history if "test_accuracy" in h]
     if accuracies:
         summary.final_test_accuracy = accuracies[-1]
