@@ -24,7 +24,7 @@ times are the process's CPU seconds per step with one thread by default, which s
 a shared machine; ``--threads 0`` uses torch's default and ``--wall`` reports wall-clock time.
 
     python benchmarks/estimators.py                    # the default table (~3 min on 2 CPU cores)
-    python benchmarks/estimators.py --steps 5 --device cuda --batch-sizes 32,128,512
+    python benchmarks/estimators.py --steps 5 --other-steps 3 --device cuda --batch-sizes 32,128,512
     python benchmarks/estimators.py --models mlp --methods plain,exact,vmap
 """
 from __future__ import annotations
@@ -253,8 +253,9 @@ def available(method: str) -> str | None:
 
 
 def run_child(args, model: str, batch: int, method: str) -> dict[str, Any]:
+    steps = args.steps if method in ("plain", "exact") else args.other_steps
     cmd = [sys.executable, __file__, "--child", model, str(batch), method, "--device", args.device,
-           "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
+           "--warmup", str(args.warmup), "--steps", str(steps), "--threads", str(args.threads)]
     if args.wall:
         cmd.append("--wall")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
@@ -279,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {METHODS}")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps (the median is shown)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps of plain and exact (the median is shown)")
+    parser.add_argument("--other-steps", type=int, default=1, help="timed steps of vmap, backpack and opacus")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU; 0 = torch's default")
     parser.add_argument("--wall", action="store_true", help="wall-clock instead of CPU time on CPU")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per (model, batch, method)")
@@ -310,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# dbx estimator benchmark: torch {torch.__version__}, device {args.device}"
           + (f" ({threads} thread{'s' if threads > 1 else ''}, {platform.processor() or platform.machine()})"
              if args.device == "cpu" else f" ({torch.cuda.get_device_name(args.device)})")
-          + f", {args.warmup} warm-up + {args.steps} timed steps (median), {clock} per step")
+          + f", {args.warmup} warm-up + {args.steps} timed steps (median; {args.other_steps} for vmap, backpack,"
+          f" opacus), {clock} per step")
     results: dict[str, Any] = {}
     start = time.perf_counter()
     for model in models:

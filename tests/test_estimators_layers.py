@@ -528,3 +528,70 @@ def test_a_bfloat16_model_accumulates_in_float32():
     est = estimator.estimate(model, F.cross_entropy, (x, y))
     estimator.detach()
     assert est.value == pytest.approx(reference, rel=5e-2)
+
+
+# -- fused weight gradients: measuring must not change training ----------------------------------------
+
+
+class TwoUses(nn.Module):
+    """A wide conv (explicit form, fused), a conv used twice, a Linear over a long sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.wide = nn.Conv2d(4, 4, 3, padding=1, bias=False)  # 16x16 positions: explicit, fused
+        self.bn = nn.BatchNorm2d(4)
+        self.seq = nn.Linear(4, 3)  # over 64 positions: explicit
+        self.head = nn.Linear(3, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.relu(self.bn(self.wide(h)))
+        h = torch.relu(self.wide(h))  # the same weights again
+        h = F.avg_pool2d(h, 2).flatten(2).transpose(1, 2)  # (B, 64, 4)
+        return self.head(torch.tanh(self.seq(h)).mean(1))
+
+
+def test_fused_weight_gradients_leave_training_unchanged():
+    torch.manual_seed(0)
+    base = TwoUses()
+    x, y = torch.randn(20, 3, 16, 16), torch.randint(0, 5, (20,))
+    assert kernels._conv_plan(base.wide, torch.randn(1, 4, 16, 16), "auto") == "explicit"
+    assert kernels._linear_plan(base.seq, torch.randn(1, 64, 4), "auto") == "explicit"
+    results = {}
+    for name, estimator in (("none", None), ("fused", ExactEstimator()), ("plain", ExactEstimator(fuse_weight_grads=False))):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        if estimator:
+            estimator.attach(model)
+        for s in range(0, 20, 8):
+            xb, yb = x[s:s + 8], y[s:s + 8]
+            for m in range(0, len(xb), 3):
+                (F.cross_entropy(model(xb[m:m + 3]), yb[m:m + 3], reduction="sum") / len(xb)).backward()
+                if estimator:
+                    estimator.on_backward(1 / len(xb))
+            if estimator:
+                estimator.on_step(1 / len(xb))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        value = estimator.estimate(model, F.cross_entropy, (x, y)).value if estimator else None
+        if estimator:
+            estimator.detach()
+        assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+        results[name] = (model.state_dict(), value)
+    for key, expected in results["none"][0].items():
+        torch.testing.assert_close(results["fused"][0][key], expected, rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(results["plain"][0][key], expected, rtol=1e-5, atol=1e-6, msg=key)
+    assert results["fused"][1] == pytest.approx(results["plain"][1], rel=1e-5)
+
+
+def test_a_detached_weight_is_restored_even_when_the_forward_fails():
+    conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+    model = nn.Sequential(conv)
+    weight = conv.weight
+    estimator = ExactEstimator()
+    estimator.attach(model)
+    with pytest.raises(RuntimeError):
+        model(torch.randn(2, 3, 16, 16, requires_grad=True))  # wrong channel count: conv raises
+    estimator.detach()
+    assert conv.weight is weight and conv._parameters["weight"] is weight

@@ -80,18 +80,24 @@ def kill_during_epoch(spec: Path, folder: Path, after_checkpoint: int) -> str:
     return checkpoint.parent.name  # the run id
 
 
+def newest_epoch(folder: Path, run_id: str) -> int:
+    return int(list_checkpoints(folder / "dbx-checkpoints" / run_id)[-1].stem.split("-")[1])
+
+
 @pytest.mark.slow
 def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     result = CliRunner().invoke(main, ["run", str(write(straight, SLOW)), "--tracking-uri", store(straight)])
     assert result.exit_code == 0, result.output
 
-    run_id = kill_during_epoch(write(killed, SLOW), killed, after_checkpoint=3)
+    # Epoch 2 runs at B = 8 and is a measuring epoch: the kill lands inside the estimator's work.
+    run_id = kill_during_epoch(write(killed, SLOW), killed, after_checkpoint=1)
+    assert newest_epoch(killed, run_id) == 1, "the kill came after epoch 2 had ended"
     _, run = only_run(store(killed))
     assert run.info.status == "RUNNING"  # SIGKILL left no chance to close it
     result = CliRunner().invoke(main, ["resume", run_id, "--tracking-uri", store(killed)])
     assert result.exit_code == 0, result.output
-    assert "after epoch 3" in result.output
+    assert "after epoch 1" in result.output
 
     _, run = only_run(store(killed))
     assert run.info.status == "FINISHED"

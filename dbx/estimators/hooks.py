@@ -69,7 +69,9 @@ class Layer:
     params: list[nn.Parameter]
     calls: int = 0
     fired: bool = False
-    pending: list[tuple[Any, Tensor]] = field(default_factory=list)
+    pending: list[tuple[Any, bool, Tensor]] = field(default_factory=list)
+    fusable: bool = False  # may run with the weight detached, its gradient supplied by the kernel
+    detached: Tensor | None = None  # the Parameter while a call runs with its weight detached
 
     @property
     def key(self) -> str:
@@ -139,11 +141,13 @@ class NormHooks:
     """
 
     def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Module, K.Kernel, list[nn.Parameter]]],
-                 *, form: str = "auto", estimator: str = "exact") -> None:
+                 *, form: str = "auto", estimator: str = "exact", fuse: bool = False) -> None:
         self.model = model
         self.form = K.check_form(form)
         self.estimator = estimator
         self.layers = [Layer(path, module, kernel, i, params) for i, (path, module, kernel, params) in enumerate(layers)]
+        for layer in self.layers:
+            layer.fusable = fuse and layer.kernel.plan is not None and K._trainable(layer.module, "weight")
         self.batch: int | None = None  # leading dimension of the model's input in this forward
         self.seconds = 0.0
         self.enabled = True
@@ -159,14 +163,26 @@ class NormHooks:
             return
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
         for layer in self.layers:
-            self._handles.append(layer.module.register_forward_hook(partial(self._forward_hook, layer), with_kwargs=True))
+            if layer.fusable:
+                self._handles.append(layer.module.register_forward_pre_hook(partial(self._fuse_pre_hook, layer),
+                                                                            with_kwargs=True))
+            self._handles.append(layer.module.register_forward_hook(partial(self._forward_hook, layer), with_kwargs=True,
+                                                                    always_call=layer.fusable))
         self.reset()
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._restore_weights()
         self.reset()
+
+    def _restore_weights(self) -> None:
+        """Put back every weight detached for a call (normally done at once by the forward hook)."""
+        for layer in self.layers:
+            if layer.detached is not None:
+                layer.module._parameters["weight"] = layer.detached
+                layer.detached = None
 
     @property
     def attached(self) -> bool:
@@ -190,7 +206,33 @@ class NormHooks:
         if x is not None and x.dim() > 0:
             self.batch = x.shape[0]
 
+    def _fuse_pre_hook(self, layer: Layer, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Run this call with the weight detached when the kernel will supply its gradient.
+
+        Only for calls in the explicit form (the per-sample gradients are computed anyway), and
+        only when the output still reaches the backward (its input or bias needs a gradient).
+        """
+        if layer.detached is not None:  # a previous call raised before its forward hook ran
+            module._parameters["weight"] = layer.detached
+            layer.detached = None
+        if not (self.enabled and torch.is_grad_enabled()) or _transforms_active():
+            return
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        if not isinstance(x, Tensor) or x.dim() == 0:
+            return
+        if not (x.requires_grad or K._trainable(module, "bias")):
+            return
+        if layer.kernel.plan(module, x, self.form) != "explicit":
+            return
+        weight = module._parameters["weight"]
+        layer.detached = weight
+        module._parameters["weight"] = weight.detach()
+
     def _forward_hook(self, layer: Layer, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        fused = layer.detached is not None
+        if fused:  # the Parameter goes back at once; this call's weight gradient comes from the kernel
+            module._parameters["weight"] = layer.detached
+            layer.detached = None
         if (not (self.enabled and torch.is_grad_enabled()) or not isinstance(output, Tensor)
                 or not output.requires_grad or _transforms_active()):
             return
@@ -211,33 +253,33 @@ class NormHooks:
         layer.calls += 1
         layer.fired = True
         ctx = layer.kernel.capture(module, x, output)
-        output.register_hook(partial(self._grad_hook, layer, ctx))
+        output.register_hook(partial(self._grad_hook, layer, ctx, fused))
         self.seconds += time.perf_counter() - start
 
-    def _grad_hook(self, layer: Layer, ctx: Any, grad: Tensor) -> None:
-        if not self.enabled:
+    def _grad_hook(self, layer: Layer, ctx: Any, fused: bool, grad: Tensor) -> None:
+        if not self.enabled and not fused:  # a fused call's weight gradient is owed in any case
             return
         start = time.perf_counter()
         if layer.calls <= 1:
-            self._store(layer, self._run(layer, [ctx], [grad]))
+            self._store(layer, self._run(layer, [ctx], [grad], [fused]))
         else:  # a module used several times in one forward: its per-sample gradient is the sum
-            layer.pending.append((ctx, grad))
+            layer.pending.append((ctx, fused, grad))
             if len(layer.pending) == layer.calls:
                 self._flush(layer)
         self.seconds += time.perf_counter() - start
 
-    def _run(self, layer: Layer, ctxs: list, grads: list[Tensor]) -> Tensor:
+    def _run(self, layer: Layer, ctxs: list, grads: list[Tensor], fused: list[bool]) -> Tensor:
         device = grads[0].device.type
         if torch.is_autocast_enabled(device):  # norms in float32, whatever the surrounding context
             with torch.autocast(device, enabled=False):
-                return layer.kernel.sq_norms(layer.module, ctxs, grads, self.form)
-        return layer.kernel.sq_norms(layer.module, ctxs, grads, self.form)
+                return layer.kernel.sq_norms(layer.module, ctxs, grads, self.form, fused)
+        return layer.kernel.sq_norms(layer.module, ctxs, grads, self.form, fused)
 
     def _flush(self, layer: Layer) -> None:
         if layer.pending:
-            ctxs, grads = zip(*layer.pending)
+            ctxs, fused, grads = zip(*layer.pending)
             layer.pending.clear()
-            self._store(layer, self._run(layer, list(ctxs), list(grads)))
+            self._store(layer, self._run(layer, list(ctxs), list(grads), list(fused)))
 
     def _store(self, layer: Layer, norms: Tensor) -> None:
         slot = self._slots[layer.index]
@@ -254,6 +296,7 @@ class NormHooks:
         Layers that got no gradient in this backward contribute zeros.
         """
         start = time.perf_counter()
+        self._restore_weights()
         for layer in self._touched:
             if layer.pending:  # some calls' outputs got no gradient: they contributed nothing
                 self._flush(layer)
@@ -284,7 +327,7 @@ class NormHooks:
 
 
 def build_hooks(model: nn.Module, *, include: Sequence[str] | None, exclude: Sequence[str], estimator: str,
-                form: str = "auto", allow_uncovered: bool = False) -> tuple[NormHooks, Ownership]:
+                form: str = "auto", allow_uncovered: bool = False, fuse: bool = False) -> tuple[NormHooks, Ownership]:
     """Check ``model`` and build hooks for its included parameter-owning modules.
 
     Raises ``EstimatorConfigError`` for parameters shared between modules, for unsupported
@@ -321,7 +364,7 @@ def build_hooks(model: nn.Module, *, include: Sequence[str] | None, exclude: Seq
             + (f" outside {list(exclude)}" if exclude else "")
             + f". Parameter-owning modules of this model: {_owner_listing(model)}"
         )
-    return NormHooks(model, own.covered, form=form, estimator=estimator), own
+    return NormHooks(model, own.covered, form=form, estimator=estimator, fuse=fuse), own
 
 
 def _owner_listing(model: nn.Module, limit: int = 12) -> str:

@@ -109,11 +109,18 @@ def _outer_cost(t: int, i: int, o: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Kernels. ``capture(module, x)`` runs in the forward hook and returns what the backward needs
-# (usually just the input, which autograd keeps alive anyway); ``sq_norms(module, ctxs, grads,
-# form)`` gets one ctx and one output gradient per call of the module in the forward pass and
-# returns the (B,) float32 squared norms of the per-sample gradient of the module's trainable
-# parameters (weight and bias together; several calls add their gradients).
+# Kernels. ``capture(module, x, output)`` runs in the forward hook and returns what the backward
+# needs (usually just the input, which autograd keeps alive anyway); ``sq_norms(module, ctxs,
+# grads, form, fused)`` gets one ctx and one output gradient per call of the module in the forward
+# pass and returns the (B,) squared norms (float32, or float64 for a float64 model) of the
+# per-sample gradient of the module's trainable parameters (weight and bias together; several calls
+# add their gradients).
+#
+# Fused weight gradients. In the explicit form the per-sample weight gradients are computed
+# anyway, and their sum is the batch weight gradient, which autograd would compute a second time.
+# For kernels with a ``plan``, the hooks may run a call with the weight detached (autograd then
+# skips its weight gradient) and pass ``fused[k] = True``: the kernel adds that call's summed
+# per-sample gradients to ``module.weight.grad`` itself, exactly as autograd would have.
 # --------------------------------------------------------------------------------------------
 
 
@@ -121,9 +128,21 @@ def _outer_cost(t: int, i: int, o: int) -> int:
 class Kernel:
     name: str
     types: tuple[type, ...]
-    sq_norms: Callable[[nn.Module, list, list[Tensor], str], Tensor]
+    sq_norms: Callable[..., Tensor]
     capture: Callable[[nn.Module, Tensor, Tensor], object] = lambda module, x, output: x
     param_names: tuple[str, ...] = ("weight", "bias")
+    #: ``plan(module, x, form)`` -> "explicit" when a call with input ``x`` will use the explicit
+    #: form (its weight gradient can then be fused); None for kernels that never fuse.
+    plan: Callable[[nn.Module, Tensor, str], str] | None = None
+
+
+def accumulate_grad(param: Tensor, grad: Tensor) -> None:
+    """Add ``grad`` into ``param.grad`` as autograd's gradient accumulation does."""
+    grad = grad.reshape(param.shape).to(param.dtype)
+    if param.grad is None:
+        param.grad = grad if param.is_contiguous() else torch.empty_like(param).copy_(grad)
+    else:
+        param.grad.add_(grad)
 
 
 def _trainable(module: nn.Module, name: str) -> bool:
@@ -131,22 +150,65 @@ def _trainable(module: nn.Module, name: str) -> bool:
     return p is not None and p.requires_grad
 
 
-def _linear_sq_norms(module: nn.Linear, xs: list[Tensor], gs: list[Tensor], form: str) -> Tensor:
+def _linear_positions(x: Tensor) -> int:
+    return x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
+
+
+def _linear_plan(module: nn.Linear, x: Tensor, form: str) -> str:
+    t = _linear_positions(x)
+    if t == 1:
+        return "rank-one"
+    if form != "auto":
+        return form
+    i, o = module.in_features, module.out_features
+    return "ghost" if t * (i + o) <= i * o else "explicit"
+
+
+def _linear_sq_norms(module: nn.Linear, xs: list[Tensor], gs: list[Tensor], form: str,
+                     fused: list[bool] | None = None) -> Tensor:
     n = gs[0].shape[0]
-    a = _cat([x.reshape(n, -1, x.shape[-1]) for x in xs], 1)  # (B, T, in)
-    g = _cat([y.reshape(n, -1, y.shape[-1]) for y in gs], 1)  # (B, T, out)
-    t, i, o = a.shape[1], a.shape[2], g.shape[2]
     total = None
     if _trainable(module, "weight"):
-        if t == 1:
-            total = _sq(a[:, 0], 1) * _sq(g[:, 0], 1)
+        if fused and any(fused):
+            total = _linear_explicit(module, xs, gs, fused)
         else:
-            parts = [sum_outer_sq_norms(a[s:e], g[s:e], form) for s, e in _chunks(n, _outer_cost(t, i, o))]
-            total = _cat(parts, 0)
+            a = _cat([x.reshape(n, -1, x.shape[-1]) for x in xs], 1)  # (B, T, in)
+            g = _cat([y.reshape(n, -1, y.shape[-1]) for y in gs], 1)  # (B, T, out)
+            t, i, o = a.shape[1], a.shape[2], g.shape[2]
+            if t == 1:
+                total = _sq(a[:, 0], 1) * _sq(g[:, 0], 1)
+            else:
+                parts = [sum_outer_sq_norms(a[s:e], g[s:e], form) for s, e in _chunks(n, _outer_cost(t, i, o))]
+                total = _cat(parts, 0)
     if _trainable(module, "bias"):
-        bias = _sq(g[:, 0], 1) if t == 1 else _sq(g.sum(1, dtype=_acc(g)), 1)
+        gb = None
+        for y in gs:
+            part = y.reshape(n, -1, y.shape[-1]).sum(1, dtype=_acc(y))
+            gb = part if gb is None else gb + part
+        bias = _sq(gb, 1)
         total = bias if total is None else total + bias
-    return total if total is not None else g.new_zeros(n, dtype=_acc(g))
+    return total if total is not None else gs[0].new_zeros(n, dtype=_acc(gs[0]))
+
+
+def _linear_explicit(module: nn.Linear, xs: list[Tensor], gs: list[Tensor], fused: list[bool]) -> Tensor:
+    """Per-sample weight gradients g^T a of every call, summed over calls; fused calls' batch sums
+    go to ``module.weight.grad``."""
+    n, i, o = gs[0].shape[0], module.in_features, module.out_features
+    t = max(_linear_positions(x) for x in xs)
+    parts, batch = [], None
+    for s, e in _chunks(n, 2 * i * o + t * (i + o)):
+        per_sample = None
+        for x, y, f in zip(xs, gs, fused):
+            a = _f32(x[s:e].reshape(e - s, -1, i))
+            g = _f32(y[s:e].reshape(e - s, -1, o))
+            grads = torch.bmm(g.mT, a)  # (b, out, in)
+            per_sample = grads if per_sample is None else per_sample + grads
+            if f:
+                batch = grads.sum(0) if batch is None else batch + grads.sum(0)
+        parts.append(_sq(per_sample, (1, 2)))
+    if batch is not None:
+        accumulate_grad(module.weight, batch)
+    return _cat(parts, 0)
 
 
 def _conv_geometry(module: nn.Module) -> tuple[tuple[int, int], ...]:
@@ -190,22 +252,27 @@ def _conv_padding(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]
     return x, tuple(module.padding)
 
 
-def conv_forms_cost(module: nn.Module, in_spatial: Sequence[int], out_spatial: Sequence[int]) -> dict[str, int]:
+def _conv_out_spatial(module: nn.Module, in_spatial: Sequence[int]) -> tuple[int, ...]:
+    dims = len(in_spatial)
+    pads = module._reversed_padding_repeated_twice  # (last dim left, right, ..., first dim left, right)
+    total = [pads[2 * (dims - 1 - d)] + pads[2 * (dims - 1 - d) + 1] for d in range(dims)]
+    return tuple((n + p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                 zip(in_spatial, total, module.dilation, module.kernel_size, module.stride))
+
+
+def conv_forms_cost(module: nn.Module, in_spatial: Sequence[int], out_spatial: Sequence[int] | None = None) -> dict[str, int]:
     """Multiply-adds per sample of the two forms for one call of a Conv1d/Conv2d.
 
     ghost: the Gram matrix of the (padded) input pixels, X^T X (Np^2 C/G per group), whose k^2
     shifted blocks add up to the Gram matrix of the input patches, and the output gradients' Gram
     matrix (T^2 O/G); explicit: the per-sample weight gradient (T C/G k^2 O/G per group).
     """
+    dims = len(in_spatial)
+    out_spatial = out_spatial or _conv_out_spatial(module, in_spatial)
     groups = module.groups
     cg, og = module.in_channels // groups, module.out_channels // groups
-    pad = module.padding if not isinstance(module.padding, str) else (0,) * len(in_spatial)
-    if isinstance(module.padding, str) or module.padding_mode != "zeros":
-        extra = module._reversed_padding_repeated_twice
-        padded = [n + extra[2 * (len(in_spatial) - 1 - d)] + extra[2 * (len(in_spatial) - 1 - d) + 1]
-                  for d, n in enumerate(in_spatial)]
-    else:
-        padded = [n + 2 * p for n, p in zip(in_spatial, pad)]
+    pads = module._reversed_padding_repeated_twice
+    padded = [n + pads[2 * (dims - 1 - d)] + pads[2 * (dims - 1 - d) + 1] for d, n in enumerate(in_spatial)]
     pixels, positions, taps = math.prod(padded), math.prod(out_spatial), math.prod(module.kernel_size)
     return {
         "ghost": groups * (pixels * pixels * cg + positions * positions * (og + taps)),
@@ -213,64 +280,94 @@ def conv_forms_cost(module: nn.Module, in_spatial: Sequence[int], out_spatial: S
     }
 
 
-def _conv_weight_sq_norms(module: nn.Module, x: Tensor, g: Tensor, form: str) -> Tensor:
-    """Squared norms of the per-sample weight gradients of one call of a Conv1d/Conv2d."""
+def _conv_plan(module: nn.Module, x: Tensor, form: str) -> str:
+    if form != "auto":
+        return form
+    costs = conv_forms_cost(module, x.shape[2:])
+    return "ghost" if costs["ghost"] <= costs["explicit"] else "explicit"
+
+
+def _conv_ghost(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+    """Squared norms of the per-sample weight gradients of one call, from Gram matrices.
+
+    (a_t . a_s) over input patches t, s is the sum over kernel taps of the pixel Gram X^T X at the
+    tapped pixels: no unfolding, and k^2 times less work than the Gram matrix of the patches.
+    """
     n, groups = x.shape[0], module.groups
     c_in, c_out = module.in_channels, module.out_channels
     cg, og = c_in // groups, c_out // groups
     kernel, stride, dilation = tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation)
     out_spatial = tuple(g.shape[2:])
     positions = math.prod(out_spatial)
-    if form == "auto":
-        costs = conv_forms_cost(module, x.shape[2:], out_spatial)
-        form = "ghost" if costs["ghost"] <= costs["explicit"] else "explicit"
     x, pad = _conv_padding(module, x)
     padded = tuple(s + 2 * p for s, p in zip(x.shape[2:], pad))
     pixels = math.prod(padded)
+    taps = list(itertools.product(*(range(k) for k in kernel)))
     parts = []
-    if form == "ghost":
-        # (a_t . a_s) over input patches t, s = sum over kernel taps of the pixel Gram X^T X at the
-        # tapped pixels: no unfolding, and k^2 times less work than the Gram of the patches.
-        taps = list(itertools.product(*(range(k) for k in kernel)))
-        per_sample = c_in * pixels + groups * (pixels * pixels + 3 * positions * positions)
-        for s, e in _chunks(n, per_sample):
-            b = e - s
-            xc = _f32(x[s:e])
-            if any(pad):
-                xc = F.pad(xc, [p for p in reversed(pad) for _ in (0, 1)])
-            xs = xc.reshape(b * groups, cg, pixels)
-            gram_x = torch.bmm(xs.mT, xs).view(b * groups, *padded, *padded)
-            gram_a = None
-            for tap in taps:
-                rows = tuple(slice(k * d, k * d + st * (m - 1) + 1, st)
-                             for k, d, st, m in zip(tap, dilation, stride, out_spatial))
-                block = gram_x[(slice(None),) + rows + rows]
-                gram_a = block.clone() if gram_a is None else gram_a.add_(block)
-            gs = _f32(g[s:e]).reshape(b * groups, og, positions)
-            gram_g = torch.bmm(gs.mT, gs)
-            parts.append(torch.linalg.vecdot(gram_a.reshape(b * groups, -1), gram_g.flatten(1)).view(b, groups).sum(1))
-        return _cat(parts, 0)
-    # explicit: all per-sample weight gradients of a chunk at once, as the weight gradient of one
-    # convolution with the samples stacked along the channels (groups = samples x groups).
-    weight_grad = torch.nn.grad.conv1d_weight if x.dim() == 3 else torch.nn.grad.conv2d_weight
-    per_sample = groups * og * cg * math.prod(kernel) + (c_in * pixels + c_out * positions) // 2
-    for s, e in _chunks(n, per_sample):
+    for s, e in _chunks(n, c_in * pixels + groups * (pixels * pixels + 3 * positions * positions)):
         b = e - s
-        xc = _f32(x[s:e]).reshape(1, b * c_in, *x.shape[2:])
-        gc = _f32(g[s:e]).reshape(1, b * c_out, *out_spatial)
-        grads = weight_grad(xc, (b * c_out, cg, *kernel), gc, stride=stride, padding=pad, dilation=dilation,
-                            groups=b * groups)
-        parts.append(_sq(grads.view(b, -1), 1))
+        xc = _f32(x[s:e])
+        if any(pad):
+            xc = F.pad(xc, [p for p in reversed(pad) for _ in (0, 1)])
+        xs = xc.reshape(b * groups, cg, pixels)
+        gram_x = torch.bmm(xs.mT, xs).view(b * groups, *padded, *padded)
+        gram_a = None
+        for tap in taps:
+            rows = tuple(slice(k * d, k * d + st * (m - 1) + 1, st)
+                         for k, d, st, m in zip(tap, dilation, stride, out_spatial))
+            block = gram_x[(slice(None),) + rows + rows]
+            gram_a = block.clone() if gram_a is None else gram_a.add_(block)
+        gs = _f32(g[s:e]).reshape(b * groups, og, positions)
+        gram_g = torch.bmm(gs.mT, gs)
+        parts.append(torch.linalg.vecdot(gram_a.reshape(b * groups, -1), gram_g.flatten(1)).view(b, groups).sum(1))
     return _cat(parts, 0)
 
 
-def _conv_sq_norms(module: nn.Module, xs: list[Tensor], gs: list[Tensor], form: str) -> Tensor:
+def _conv_explicit(module: nn.Module, xs: list[Tensor], gs: list[Tensor], fused: list[bool]) -> Tensor:
+    """Squared norms of the per-sample weight gradients, computed explicitly.
+
+    All per-sample gradients of a chunk at once, as the weight gradient of one convolution with
+    the samples stacked along the channels (groups = samples x groups): no unfolding. Several calls
+    add their per-sample gradients; the batch sums of fused calls go to ``module.weight.grad``.
+    """
+    n, groups = gs[0].shape[0], module.groups
+    c_in, c_out = module.in_channels, module.out_channels
+    cg = c_in // groups
+    kernel, stride, dilation = tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation)
+    prepared = [_conv_padding(module, x) for x in xs]
+    weight_grad = torch.nn.grad.conv1d_weight if xs[0].dim() == 3 else torch.nn.grad.conv2d_weight
+    size = c_out * cg * math.prod(kernel)
+    scratch = max(x[0].numel() + g[0].numel() for (x, _), g in zip(prepared, gs))  # float32 copies
+    parts, batch = [], None
+    for s, e in _chunks(n, size * (2 if len(xs) > 1 else 1) + scratch):
+        b = e - s
+        per_sample = None
+        for (x, pad), g, f in zip(prepared, gs, fused):
+            xc = _f32(x[s:e]).reshape(1, b * c_in, *x.shape[2:])
+            gc = _f32(g[s:e]).reshape(1, b * c_out, *g.shape[2:])
+            grads = weight_grad(xc, (b * c_out, cg, *kernel), gc, stride=stride, padding=pad, dilation=dilation,
+                                groups=b * groups).view(b, size)
+            per_sample = grads if per_sample is None else per_sample + grads
+            if f:
+                batch = grads.sum(0) if batch is None else batch + grads.sum(0)
+        parts.append(_sq(per_sample, 1))
+    if batch is not None:
+        accumulate_grad(module.weight, batch)
+    return _cat(parts, 0)
+
+
+def _conv_sq_norms(module: nn.Module, xs: list[Tensor], gs: list[Tensor], form: str,
+                   fused: list[bool] | None = None) -> Tensor:
     n = gs[0].shape[0]
     c_out = module.out_channels
+    fused = fused or [False] * len(xs)
     total = None
     if _trainable(module, "weight"):
-        if len(xs) == 1:
-            total = _conv_weight_sq_norms(module, xs[0], gs[0], form)
+        plans = {_conv_plan(module, x, form) for x in xs}
+        if any(fused) or plans == {"explicit"}:
+            total = _conv_explicit(module, xs, gs, fused)
+        elif len(xs) == 1:
+            total = _conv_ghost(module, xs[0], gs[0])
         else:
             total = _conv_weight_sq_norms_concat(module, xs, gs, form)
     if _trainable(module, "bias"):
@@ -284,8 +381,8 @@ def _conv_sq_norms(module: nn.Module, xs: list[Tensor], gs: list[Tensor], form: 
 
 
 def _conv_weight_sq_norms_concat(module: nn.Module, xs: list[Tensor], gs: list[Tensor], form: str) -> Tensor:
-    """A convolution called several times in one forward: unfold every call's input and treat the
-    calls' positions as the positions of one call (their gradients add)."""
+    """A convolution called several times in one forward, in the Gram form: unfold every call's
+    input and treat the calls' positions as the positions of one call (their gradients add)."""
     n, groups, c_out = gs[0].shape[0], module.groups, module.out_channels
     g3 = [y.reshape(n, c_out, -1) for y in gs]
     i = module.in_channels // groups * math.prod(module.kernel_size)
@@ -358,7 +455,8 @@ def _batchnorm_capture(module: nn.Module, x: Tensor, output: Tensor) -> tuple[Te
     return x, mean, torch.rsqrt(var + module.eps)
 
 
-def _batchnorm_sq_norms(module: nn.Module, ctxs: list, gs: list[Tensor], form: str) -> Tensor:
+def _batchnorm_sq_norms(module: nn.Module, ctxs: list, gs: list[Tensor], form: str,
+        fused: list[bool] | None = None) -> Tensor:
     # per sample i and channel c: dL/dweight = invstd_c * (sum_s b*x - mean_c * sum_s b), dL/dbias = sum_s b
     n, c = gs[0].shape[0], gs[0].shape[1]
     gw = gb = None
@@ -381,7 +479,8 @@ def _instancenorm_capture(module: nn.Module, x: Tensor, output: Tensor) -> tuple
     return x, module.training or not module.track_running_stats
 
 
-def _instancenorm_sq_norms(module: nn.Module, ctxs: list, gs: list[Tensor], form: str) -> Tensor:
+def _instancenorm_sq_norms(module: nn.Module, ctxs: list, gs: list[Tensor], form: str,
+        fused: list[bool] | None = None) -> Tensor:
     xhats = []
     for x, input_stats in ctxs:
         if input_stats:
@@ -393,24 +492,28 @@ def _instancenorm_sq_norms(module: nn.Module, ctxs: list, gs: list[Tensor], form
     return _channel_affine(module, xhats, gs)
 
 
-def _groupnorm_sq_norms(module: nn.GroupNorm, xs: list[Tensor], gs: list[Tensor], form: str) -> Tensor:
+def _groupnorm_sq_norms(module: nn.GroupNorm, xs: list[Tensor], gs: list[Tensor], form: str,
+        fused: list[bool] | None = None) -> Tensor:
     xhats = [F.group_norm(_f32(x), module.num_groups, eps=module.eps) for x in xs]
     return _channel_affine(module, xhats, gs)
 
 
-def _layernorm_sq_norms(module: nn.LayerNorm, xs: list[Tensor], gs: list[Tensor], form: str) -> Tensor:
+def _layernorm_sq_norms(module: nn.LayerNorm, xs: list[Tensor], gs: list[Tensor], form: str,
+        fused: list[bool] | None = None) -> Tensor:
     shape = tuple(module.normalized_shape)
     xhats = [F.layer_norm(_f32(x), shape, eps=module.eps) for x in xs]
     return _feature_affine(module, xhats, gs, math.prod(shape))
 
 
-def _rmsnorm_sq_norms(module: nn.Module, xs: list[Tensor], gs: list[Tensor], form: str) -> Tensor:
+def _rmsnorm_sq_norms(module: nn.Module, xs: list[Tensor], gs: list[Tensor], form: str,
+        fused: list[bool] | None = None) -> Tensor:
     shape = tuple(module.normalized_shape)
     xhats = [F.rms_norm(_f32(x), shape, eps=module.eps) for x in xs]
     return _feature_affine(module, xhats, gs, math.prod(shape))
 
 
-def _embedding_sq_norms(module: nn.Embedding, xs: list[Tensor], gs: list[Tensor], form: str) -> Tensor:
+def _embedding_sq_norms(module: nn.Embedding, xs: list[Tensor], gs: list[Tensor], form: str,
+        fused: list[bool] | None = None) -> Tensor:
     n = gs[0].shape[0]
     d = module.embedding_dim
     idx = _cat([x.reshape(n, -1) for x in xs], 1)  # (B, T)
@@ -442,8 +545,8 @@ def _embedding_sq_norms(module: nn.Embedding, xs: list[Tensor], gs: list[Tensor]
 
 def _kernels() -> list[Kernel]:
     kernels = [
-        Kernel("linear", (nn.Linear,), _linear_sq_norms),
-        Kernel("conv", (nn.Conv1d, nn.Conv2d), _conv_sq_norms),
+        Kernel("linear", (nn.Linear,), _linear_sq_norms, plan=_linear_plan),
+        Kernel("conv", (nn.Conv1d, nn.Conv2d), _conv_sq_norms, plan=_conv_plan),
         Kernel("batchnorm", (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
                _batchnorm_sq_norms, _batchnorm_capture),
         Kernel("instancenorm", (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d),
