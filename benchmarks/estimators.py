@@ -18,8 +18,10 @@ same batch): all must agree on the model without BatchNorm (the MLP); with Batch
 define "per-sample gradient" differently, and the table shows by how much they differ from dbx.
 
 Every (model, batch size, method) runs in a fresh process so that its peak memory can be read
-(on CPU: peak resident memory above the interpreter's after imports, i.e. parameters, gradients,
-optimizer state, activations and scratch; on CUDA: ``torch.cuda.max_memory_allocated``). On CPU,
+(on CPU: the peak resident memory above what the process held after a throw-away step of the same
+method at batch 2 (imports, lazy initialisation), i.e. parameters, gradients, optimizer state,
+activations and scratch, read from Linux's high-water mark after a reset; on CUDA:
+``torch.cuda.max_memory_allocated``). On CPU,
 times are the process's CPU seconds per step with one thread by default, which stays meaningful on
 a shared machine; ``--threads 0`` uses torch's default and ``--wall`` reports wall-clock time.
 
@@ -67,10 +69,39 @@ def build_model(name: str):
         return model
 
 
+def _status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> int:
+    """Return freed memory to the OS, reset the kernel's resident-memory high-water mark, and
+    return the resident bytes now (Linux; elsewhere the process's lifetime peak is used)."""
+    import ctypes
+    import gc
+    import resource
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return (_status_kib("VmRSS") or 0) * 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def peak_rss_bytes() -> int:
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    hwm = _status_kib("VmHWM")
+    return hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class Method:
@@ -187,14 +218,18 @@ class Method:
         self.finish(sq)
 
 
-def warm_up_torch(device: str) -> None:
+def warm_up(model_name: str, method: str, device: str) -> None:
+    """One step of the same method on a throw-away copy at batch 2: lazy imports (the optimizer
+    alone pulls in ~150 MB of modules) and backend initialisation are not the method's memory."""
     import torch
     import torch.nn.functional as F
-    from torch import nn
 
-    tiny = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 8 * 8, 10)).to(device)
-    F.cross_entropy(tiny(torch.randn(2, 3, 8, 8, device=device)), torch.tensor([0, 1], device=device)).backward()
+    x = torch.randn(2, 3, 32, 32).to(device)
+    y = torch.tensor([0, 1]).to(device)
+    runner = Method(method, build_model(model_name).to(device), F.cross_entropy, x, y, device)
+    getattr(runner, f"step_{method}")()
+    if method == "exact":
+        runner.estimator.detach()
 
 
 def measure(model_name: str, batch: int, method: str, device: str, warmup: int, steps: int, threads: int,
@@ -204,14 +239,9 @@ def measure(model_name: str, batch: int, method: str, device: str, warmup: int, 
 
     if threads > 0:
         torch.set_num_threads(threads)
-    if method == "backpack":
-        import backpack  # noqa: F401 - import cost and memory before the baseline
-    if method == "opacus":
-        import opacus  # noqa: F401
-    import dbx.estimators.exact  # noqa: F401
     cuda = device.startswith("cuda")
-    warm_up_torch(device)  # torch's lazy initialisation is not the method's memory
-    baseline = peak_rss_bytes()
+    warm_up(model_name, method, device)
+    baseline = reset_peak_rss()
     model = build_model(model_name).to(device)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
@@ -221,8 +251,10 @@ def measure(model_name: str, batch: int, method: str, device: str, warmup: int, 
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(warmup + steps):
+    times: list[float] = []
+    i = 0
+    # at least `steps` timed steps, and more (up to 200) until they add up to half a second
+    while i < warmup + steps or (sum(times) < 0.5 and len(times) < 200):
         start_wall, start_cpu = time.perf_counter(), time.process_time()
         step()
         if cuda:
@@ -230,6 +262,7 @@ def measure(model_name: str, batch: int, method: str, device: str, warmup: int, 
         elapsed = (time.perf_counter() - start_wall) if (wall or cuda) else (time.process_time() - start_cpu)
         if i >= warmup:
             times.append(elapsed)
+        i += 1
     peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes() - baseline
     times.sort()
     return {"seconds": times[len(times) // 2], "all_seconds": times, "peak_bytes": peak, "diversity": runner.diversity}
@@ -280,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {METHODS}")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps of plain and exact (the median is shown)")
+    parser.add_argument("--steps", type=int, default=2,
+                        help="timed steps of plain and exact (the median is shown; short steps repeat to 0.5 s)")
     parser.add_argument("--other-steps", type=int, default=1, help="timed steps of vmap, backpack and opacus")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU; 0 = torch's default")
     parser.add_argument("--wall", action="store_true", help="wall-clock instead of CPU time on CPU")

@@ -65,13 +65,20 @@ def main() -> None:
     parser.add_argument("--rotation", type=float, default=0.0, help="15 for the CIFAR-100 augmentation")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs per path (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads of this process (default: torch's choice); on a busy machine "
+                             "1 avoids threads waiting for each other")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     images, labels, source = load_images(args.dataset, args.n)
     spec = AugmentSpec(padding=4, flip=True, rotation=args.rotation)
     name = "crop 32 pad 4 + flip" + (f" + rotation {args.rotation:g}" if args.rotation else "")
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"CPU ({threads} thread{'s' if threads != 1 else ''})")
     print(f"data: {source}, {len(images)} images; augmentation: {name}; batch size {args.batch_size}; "
           f"device: {device_name}; torch {torch.__version__}")
 

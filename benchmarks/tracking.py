@@ -56,8 +56,9 @@ def time_training(repeats: int) -> tuple[float, float]:
     with_mlflow, without = [], []
     with tempfile.TemporaryDirectory() as folder:
         uri = f"sqlite:///{folder}/mlflow.db"
-        for _ in range(repeats):  # interleaved, so drift in machine load hits both alike
-            for sink in ("none", "mlflow"):
+        fit(spec, build_parts(spec, torch.device("cpu")), Nothing(), say=lambda line: None)  # warm-up, untimed
+        for repeat in range(repeats):  # interleaved, order alternating, so drift in load hits both alike
+            for sink in (("none", "mlflow") if repeat % 2 == 0 else ("mlflow", "none")):
                 parts = build_parts(spec, torch.device("cpu"))
                 tracker = Nothing() if sink == "none" else tracking.open_run(
                     spec, uri=uri, experiment=None, run_name="bench", device_label="cpu", plugins={})

@@ -206,7 +206,8 @@ def check_params(kind: str, name: str, params: dict[str, Any]) -> list[tuple[tup
             TypeAdapter(annotation).validate_python(value, strict=_strict_for(annotation, value))
         except ValidationError as exc:
             first = exc.errors()[0]
-            problems.append(((key,), f"{first['msg']} (got {value!r}; {name} expects {_type_name(annotation)})"))
+            expects = "" if typing.get_origin(annotation) is typing.Literal else f"; {name} expects {_type_name(annotation)}"
+            problems.append(((key,), f"{first['msg']} (got {value!r}{expects})"))
         except Exception:  # noqa: BLE001 - an annotation pydantic cannot handle is not the user's fault
             continue
     for key, param in schema.items():

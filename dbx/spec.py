@@ -126,7 +126,9 @@ class DataSpec(PluginSpec):
     """The dataset: a ``dbx.datasets`` plugin, where its files are, and how much of it to use."""
 
     root: StrictStr | None = Field(None, description="directory with the data files; ~ and $VARS are expanded")
-    subset: PositiveInt | None = Field(None, description="train on the first N samples only (quick experiments)")
+    subset: PositiveInt | None = Field(
+        None, description="train on a fixed random subset of N training samples, the same for every seed"
+    )
 
 
 class OptimizerSpec(_Section):

@@ -89,7 +89,8 @@ def write_tiny_imagenet(root, per_class=2):
     for k, wnid in enumerate(WNIDS * 2):
         mode = "L" if k == 0 else "RGB"  # the real set has a few greyscale images
         shape = (64, 64) if mode == "L" else (64, 64, 3)
-        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / "val" / "images" / f"val_{k}.JPEG")
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        Image.fromarray(pixels, mode).save(folder / "val" / "images" / f"val_{k}.JPEG")
         lines.append(f"val_{k}.JPEG\t{wnid}\t0\t0\t63\t63")
     (folder / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
 

@@ -595,3 +595,36 @@ def test_a_detached_weight_is_restored_even_when_the_forward_fails():
         model(torch.randn(2, 3, 16, 16, requires_grad=True))  # wrong channel count: conv raises
     estimator.detach()
     assert conv.weight is weight and conv._parameters["weight"] is weight
+
+
+@settings(max_examples=int(os.environ.get("DBX_RANDOM_MODELS", "15")) // 3 + 1, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(case=conv_model(dims=2, allow_bn=True), fused_first=st.booleans())
+def test_random_models_train_identically_with_fused_weight_gradients(case, fused_first):
+    model, x, y = case
+    x = torch.cat([x, x.flip(0)])  # two micro-batches of the batch
+    y = torch.cat([y, y.flip(0)])
+    half = x.shape[0] // 2
+    states, values = [], []
+    for estimator in (None, ExactEstimator(fuse_weight_grads=fused_first), ExactEstimator(fuse_weight_grads=not fused_first)):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        if estimator:
+            estimator.attach(m)
+        for _ in range(2):
+            for part in (slice(0, half), slice(half, None)):
+                (F.cross_entropy(m(x[part]), y[part], reduction="sum") / x.shape[0]).backward()
+                if estimator:
+                    estimator.on_backward(1 / x.shape[0])
+            if estimator:
+                estimator.on_step(1 / x.shape[0])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if estimator:
+            values.append(estimator.estimate(m, F.cross_entropy, (x, y)).value)
+            estimator.detach()
+        states.append(m.state_dict())
+    for key, expected in states[0].items():
+        for state in states[1:]:
+            torch.testing.assert_close(state[key], expected, rtol=1e-4, atol=1e-6, msg=key)
+    assert values[0] == pytest.approx(values[1], rel=1e-4)

@@ -116,7 +116,8 @@ def image_splits(
             description=description,
         )
     return DataSplits(
-        train=ArrayImageDataset(arrays.train_images, arrays.train_labels, torchvision_transform(augment, mean, std, size)),
+        train=ArrayImageDataset(arrays.train_images, arrays.train_labels,
+                                torchvision_transform(augment, mean, std, size)),
         test=ArrayImageDataset(arrays.test_images, arrays.test_labels, torchvision_transform(None, mean, std, size)),
         num_classes=num_classes,
         input_shape=input_shape,

@@ -10,6 +10,12 @@ per-sample gradient of the module's parameters. ``collect()`` then returns them 
 A module's parameters are left to the kernels only if the module is the sole owner of every one
 of them and is called with a batch-first input; everything else is reported at ``attach`` (or at
 the first forward) as a ``UserError`` naming the module, not silently mis-measured.
+
+With ``fuse=True``, a call that the kernel will handle in the explicit form runs with its weight
+detached (a forward pre-hook swaps in ``weight.detach()``, the forward hook puts the Parameter back
+as soon as the call returns), so autograd skips that weight gradient, and the kernel adds the sum
+of the per-sample gradients it computed anyway to ``weight.grad``. Training is unchanged; the
+weight gradient of those layers is simply computed once instead of twice.
 """
 from __future__ import annotations
 
@@ -155,7 +161,6 @@ class NormHooks:
         self._filled = 0
         self._touched: list[Layer] = []
         self._handles: list[Any] = []
-        self._device: torch.device | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def attach(self) -> None:

@@ -5,33 +5,44 @@ training step: the layer's input ``a_i`` (saved by autograd anyway) and the grad
 reaches the layer's output. These kernels turn them into ``||g_i||^2`` without materialising
 per-sample gradients where the algebra allows.
 
-Linear and convolution (after unfolding the input into patches, one row per output position):
-the per-sample weight gradient is ``G_i = sum_t b_it a_it^T`` over the sample's positions t, and
+Linear and convolution (the input seen as patches, one row per output position): the
+per-sample weight gradient is ``G_i = sum_t b_it a_it^T`` over the sample's positions t, and
 
     ||G_i||_F^2 = sum_{t,s} (a_it . a_is) (b_it . b_is)          "ghost norm" (Gram form)
                = ||b_i^T a_i||_F^2                             explicit per-sample product
 
-The Gram form costs T^2 (I + O) per sample, the explicit product T I O, for T positions, I inputs
-and O outputs (per group for grouped convolutions); each call picks the cheaper one for its shapes
-(Li et al., "Large language models can be strong differentially private learners", ICLR 2022;
-Bu et al., "Differentially private optimization on large model at small cost", ICML 2023). With a
-single position this is ``||a_i||^2 ||b_i||^2`` (Goodfellow, "Efficient per-example gradient
+For T positions, I inputs and O outputs (per group) the Gram form costs T^2 (I + O) per sample
+and the explicit product T I O; each call picks the cheaper for its shapes (Li et al., "Large
+language models can be strong differentially private learners", ICLR 2022; Bu et al.,
+"Differentially private optimization on large model at small cost", ICML 2023). With a single
+position this is ``||a_i||^2 ||b_i||^2`` (Goodfellow, "Efficient per-example gradient
 computations", 2015). The bias gradient is ``sum_t b_it``.
+
+Convolutions never unfold their input (on CPU the copy alone costs several times the layer's
+weight gradient). The Gram form builds the Gram matrix of the padded input *pixels*, X^T X, and
+adds up its k^2 shifted blocks, one per kernel tap, into the Gram matrix of the patches (k^2 times
+less work than the patches' Gram). The explicit form gets all per-sample weight gradients of a
+chunk of samples as the weight gradient of one convolution whose groups are samples x groups. In
+that form the per-sample gradients' sum is the batch weight gradient: the hooks can let the kernel
+supply it ("fused weight gradients", see ``Kernel``) so that autograd does not compute it again.
+Any stride, padding (modes and "same"), dilation and groups.
 
 Normalisation layers (BatchNorm, GroupNorm, LayerNorm, RMSNorm, InstanceNorm): the per-sample
 gradient of the affine weight is ``sum_positions b_i * xhat_i`` and of the bias ``sum_positions b_i``,
 where ``xhat`` is the normalised input computed exactly as the layer's forward did (batch statistics
-in BatchNorm's training mode). For BatchNorm in training mode these per-sample terms are the rows of
-the batch gradient, as in PAPER.md: ``b_i`` already carries the cross-sample terms autograd
-propagated through the batch statistics, and the terms sum exactly to the batch gradient.
+in BatchNorm's training mode, read from autograd's saved mean and inverse std when available). For
+BatchNorm in training mode these per-sample terms are the rows of the batch gradient, as in
+PAPER.md: ``b_i`` already carries the cross-sample terms autograd propagated through the batch
+statistics, and the terms sum exactly to the batch gradient.
 
 Embedding: the per-sample gradient is ``sum_t onehot(idx_it) b_it^T``; its squared norm is
 ``sum_{t,s} [idx_it == idx_is] (b_it . b_is)``, evaluated as a Gram form for short sequences and by
 sorting the (sample, token) keys and summing segments for long ones.
 
-All kernels accumulate in float32 whatever the input dtype (bf16/fp16 squares overflow), work on
-chunks of samples so that their scratch memory stays bounded (``CHUNK_ELEMENTS``), and never
-synchronise with the device.
+All kernels accumulate in float32 whatever the input dtype (bf16/fp16 squares overflow; float64
+models stay in float64), sum squares with ``square().sum()`` (cascade summation), work on chunks of
+samples so that their scratch memory stays bounded (``CHUNK_ELEMENTS``), and never synchronise
+with the device.
 """
 from __future__ import annotations
 
@@ -48,7 +59,7 @@ __all__ = ["Kernel", "kernel_for", "supported_types", "CHUNK_ELEMENTS", "sum_out
 
 #: Upper bound on the scratch elements (float32) one kernel call allocates at a time; larger
 #: batches are processed in chunks of samples.
-CHUNK_ELEMENTS = 1 << 24
+CHUNK_ELEMENTS = 1 << 22
 
 #: "auto" picks the cheaper of the two forms per call; tests force one or the other.
 FORMS = ("auto", "ghost", "explicit")

@@ -250,7 +250,7 @@ def summarize(spec: Any, state: RunState) -> Summary:
     """Final and best accuracy, and when the target accuracy was first reached (training time)."""
     last = state.history[-1]
     summary = Summary(
-        epochs=state.epoch, final_batch_size=state.batch_size, total_train_seconds=state.train_seconds,
+        epochs=state.epoch, final_batch_size=int(last["batch_size"]), total_train_seconds=state.train_seconds,
         total_eval_seconds=state.eval_seconds, final_test_loss=last["test_loss"])
     accuracies = [h["test_accuracy"] for h in state.history if "test_accuracy" in h]
     if accuracies:

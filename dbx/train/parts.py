@@ -46,7 +46,7 @@ def build_parts(spec: Any, device: torch.device) -> Parts:
     if not isinstance(data, DataSplits):
         raise UserError(f"dataset {spec.data.name!r} returned {type(data).__name__}, not dbx.protocols.DataSplits")
     if spec.data.subset:
-        data = take_subset(data, spec.data.subset, spec.seed)
+        data = take_subset(data, spec.data.subset, seed=0)  # the same subset for every seed of a sweep
     model = registry.build("model", spec.model.name, spec.model.params,
                            num_classes=data.num_classes, input_shape=tuple(data.input_shape)).to(device)
     train_loader = make_loader(data.train, batch_size=1, shuffle=True, device=device, seed=spec.seed,
