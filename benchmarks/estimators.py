@@ -207,7 +207,7 @@ class Method:
     def setup_opacus(self):
         from opacus import GradSampleModule
 
-        self.wrapped = GradSampleModule(self.model, loss_reduction="sum", strict=False)
+        self.wrapped = GradSampleModule(self.model, loss_reduction="sum", strict=True)
 
     def step_opacus(self):
         self.forward_backward(self.wrapped)

@@ -20,7 +20,13 @@ from torch import nn
 
 from dbx import registry
 from dbx.errors import UserError
-from dbx.estimators import ExactEstimator, LayerwiseEstimator, SubsampledEstimator, per_sample_grads_func, per_sample_sq_norms
+from dbx.estimators import (
+    ExactEstimator,
+    LayerwiseEstimator,
+    SubsampledEstimator,
+    per_sample_grads_func,
+    per_sample_sq_norms,
+)
 from dbx.protocols import DiversityEstimate, DiversityEstimator
 
 

@@ -25,8 +25,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dbx.errors import UserError
-from dbx.estimators import ExactEstimator, per_sample_grads_func, per_sample_sq_norms
-from dbx.estimators import kernels
+from dbx.estimators import ExactEstimator, kernels, per_sample_grads_func, per_sample_sq_norms
 
 FORMS = st.sampled_from(["auto", "ghost", "explicit"])
 # A handful of random models per test keeps the suite fast; DBX_RANDOM_MODELS=300 digs deeper.

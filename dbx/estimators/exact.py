@@ -124,7 +124,7 @@ class ExactEstimator:
             self._check_hooks_saw_all_uses()
         sums, grads = self._sum_grad, [p.grad for p in self._params]
         if any(g is None for g in grads):  # parameters that took no part in this step
-            pairs = [(s, g) for s, g in zip(sums, grads) if g is not None]
+            pairs = [(s, g) for s, g in zip(sums, grads, strict=True) if g is not None]
             sums, grads = [s for s, _ in pairs], [g for _, g in pairs]
         if grads:
             torch._foreach_add_(sums, grads, alpha=1.0 / loss_scale)
@@ -146,7 +146,7 @@ class ExactEstimator:
         sum_sq, sq_of_sum = both.sum(1).tolist()  # the one host synchronisation
         per_layer: dict[str, float] = {}
         if self.per_layer:
-            for layer, (s1, s2) in zip(hooks.layers, both.T.tolist()):
+            for layer, (s1, s2) in zip(hooks.layers, both.T.tolist(), strict=True):
                 per_layer[layer.key] = _ratio(s1, s2)
         seconds = self._seconds + hooks.seconds + (time.perf_counter() - start)
         return DiversityEstimate(

@@ -119,7 +119,7 @@ def _with_hooks(model, loss_fn, inputs, targets, layers, exclude, *, allow_uncov
             if mine:
                 per_layer[path or ROOT] = sum(_sq_rows(per_param[names[id(p)]]) for p in mine)
     grad_sum = {names[id(p)]: (torch.zeros_like(p, dtype=torch.float32) if g is None else g.detach().float())
-                for p, g in zip(plist, grads)}
+                for p, g in zip(plist, grads, strict=True)}
     total = torch.stack(list(per_layer.values())).sum(0)
     return PerSampleSqNorms(total=total, per_layer=per_layer, grad_sum=grad_sum)
 

@@ -282,7 +282,7 @@ class NormHooks:
 
     def _flush(self, layer: Layer) -> None:
         if layer.pending:
-            ctxs, fused, grads = zip(*layer.pending)
+            ctxs, fused, grads = zip(*layer.pending, strict=True)
             layer.pending.clear()
             self._store(layer, self._run(layer, list(ctxs), list(grads), list(fused)))
 

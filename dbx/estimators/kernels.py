@@ -209,7 +209,7 @@ def _linear_explicit(module: nn.Linear, xs: list[Tensor], gs: list[Tensor], fuse
     parts, batch = [], None
     for s, e in _chunks(n, 2 * i * o + t * (i + o)):
         per_sample = None
-        for x, y, f in zip(xs, gs, fused):
+        for x, y, f in zip(xs, gs, fused, strict=True):
             a = _f32(x[s:e].reshape(e - s, -1, i))
             g = _f32(y[s:e].reshape(e - s, -1, o))
             grads = torch.bmm(g.mT, a)  # (b, out, in)
@@ -268,7 +268,7 @@ def _conv_out_spatial(module: nn.Module, in_spatial: Sequence[int]) -> tuple[int
     pads = module._reversed_padding_repeated_twice  # (last dim left, right, ..., first dim left, right)
     total = [pads[2 * (dims - 1 - d)] + pads[2 * (dims - 1 - d) + 1] for d in range(dims)]
     return tuple((n + p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
-                 zip(in_spatial, total, module.dilation, module.kernel_size, module.stride))
+                 zip(in_spatial, total, module.dilation, module.kernel_size, module.stride, strict=True))
 
 
 def conv_forms_cost(module: nn.Module, in_spatial: Sequence[int], out_spatial: Sequence[int] | None = None) -> dict[str, int]:
@@ -311,7 +311,7 @@ def _conv_ghost(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
     out_spatial = tuple(g.shape[2:])
     positions = math.prod(out_spatial)
     x, pad = _conv_padding(module, x)
-    padded = tuple(s + 2 * p for s, p in zip(x.shape[2:], pad))
+    padded = tuple(s + 2 * p for s, p in zip(x.shape[2:], pad, strict=True))
     pixels = math.prod(padded)
     taps = list(itertools.product(*(range(k) for k in kernel)))
     parts = []
@@ -325,7 +325,7 @@ def _conv_ghost(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
         gram_a = None
         for tap in taps:
             rows = tuple(slice(k * d, k * d + st * (m - 1) + 1, st)
-                         for k, d, st, m in zip(tap, dilation, stride, out_spatial))
+                         for k, d, st, m in zip(tap, dilation, stride, out_spatial, strict=True))
             block = gram_x[(slice(None),) + rows + rows]
             gram_a = block.clone() if gram_a is None else gram_a.add_(block)
         gs = _f32(g[s:e]).reshape(b * groups, og, positions)
@@ -348,12 +348,12 @@ def _conv_explicit(module: nn.Module, xs: list[Tensor], gs: list[Tensor], fused:
     prepared = [_conv_padding(module, x) for x in xs]
     weight_grad = torch.nn.grad.conv1d_weight if xs[0].dim() == 3 else torch.nn.grad.conv2d_weight
     size = c_out * cg * math.prod(kernel)
-    scratch = max(x[0].numel() + g[0].numel() for (x, _), g in zip(prepared, gs))  # float32 copies
+    scratch = max(x[0].numel() + g[0].numel() for (x, _), g in zip(prepared, gs, strict=True))  # float32 copies
     parts, batch = [], None
     for s, e in _chunks(n, size * (2 if len(xs) > 1 else 1) + scratch):
         b = e - s
         per_sample = None
-        for (x, pad), g, f in zip(prepared, gs, fused):
+        for (x, pad), g, f in zip(prepared, gs, fused, strict=True):
             xc = _f32(x[s:e]).reshape(1, b * c_in, *x.shape[2:])
             gc = _f32(g[s:e]).reshape(1, b * c_out, *g.shape[2:])
             grads = weight_grad(xc, (b * c_out, cg, *kernel), gc, stride=stride, padding=pad, dilation=dilation,
@@ -413,7 +413,7 @@ def _channel_affine(module: nn.Module, xhats: list[Tensor], gs: list[Tensor]) ->
     n = gs[0].shape[0]
     c = gs[0].shape[1]
     gw = gb = None
-    for xhat, y in zip(xhats, gs):
+    for xhat, y in zip(xhats, gs, strict=True):
         y3 = _f32(y.reshape(n, c, -1))
         if _trainable(module, "weight"):
             w = torch.linalg.vecdot(y3, xhat.reshape(n, c, -1))
@@ -433,7 +433,7 @@ def _feature_affine(module: nn.Module, xhats: list[Tensor], gs: list[Tensor], fe
     """Normalisation with an affine over the trailing ``features`` elements: (B, *, *shape)."""
     n = gs[0].shape[0]
     gw = gb = None
-    for xhat, y in zip(xhats, gs):
+    for xhat, y in zip(xhats, gs, strict=True):
         y3 = _f32(y.reshape(n, -1, features))
         if _trainable(module, "weight"):
             w = torch.einsum("btf,btf->bf", y3, xhat.reshape(n, -1, features))
@@ -471,7 +471,7 @@ def _batchnorm_sq_norms(module: nn.Module, ctxs: list, gs: list[Tensor], form: s
     # per sample i and channel c: dL/dweight = invstd_c * (sum_s b*x - mean_c * sum_s b), dL/dbias = sum_s b
     n, c = gs[0].shape[0], gs[0].shape[1]
     gw = gb = None
-    for (x, mean, invstd), y in zip(ctxs, gs):
+    for (x, mean, invstd), y in zip(ctxs, gs, strict=True):
         if mean is None:
             mean, invstd = module.running_mean, torch.rsqrt(_f32(module.running_var) + module.eps)
         y3 = _f32(y.reshape(n, c, -1))
