@@ -50,7 +50,8 @@ def rows_oracle(model, x, y, loss_fn=F.cross_entropy):
     """Per-layer (B,) squared norms of the rows of the batch gradient, by per-sample VJPs."""
     captured = {}
     handles = []
-    owners = [(path, m) for path, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    owners = [(path, m) for path, m in model.named_modules()
+              if any(p.requires_grad for p in m.parameters(recurse=False))]
     for path, module in owners:
         def hook(mod, args, output, path=path):
             grads = captured.setdefault(path, {"out": output})
@@ -117,7 +118,9 @@ def assert_norms_match(ours, oracle, scales=None, rtol=1e-4):
     assert set(ours.per_layer) == set(oracle), (sorted(ours.per_layer), sorted(oracle))
     scales = scales or {}
     total = sum(oracle.values())
-    torch.testing.assert_close(ours.total.double(), total, rtol=rtol, atol=0)
+    total_slack = 1e-6 * sum(scales.values(), torch.zeros_like(total))
+    bad = (ours.total.double() - total).abs() > rtol * total + total_slack
+    assert not bad.any(), f"total: ours {ours.total.tolist()} oracle {total.tolist()}"
     for path, expected in oracle.items():
         got = ours.per_layer[path].double()
         slack = 1e-6 * (scales.get(path, torch.zeros_like(expected)) + total) + 1e-12
@@ -158,6 +161,8 @@ def conv_block(draw, dims, c_in, size, allow_bn):
                groups=groups, bias=draw(st.booleans()), padding_mode=mode)
     spatial = new ** dims if padding == "same" else None
     norms = ["none", "gn", "ln"] + (["bn"] if allow_bn else []) + (["in"] if new > 1 else [])
+    if c_out == 1:  # normalising a single channel makes its conv's weight gradient vanish to rounding
+        norms = ["none"]
     norm = draw(st.sampled_from(norms))
     layers = [conv]
     if norm == "bn":
@@ -329,7 +334,8 @@ def test_long_sequences_use_the_sorted_embedding_kernel():
     tokens = torch.randint(0, 7, (4, 40))
     y = torch.randint(0, 2, (4,))
     for form in ("auto", "explicit", "ghost"):  # auto and explicit sort, ghost builds the T x T Gram
-        assert_norms_match(per_sample_sq_norms(model, F.cross_entropy, tokens, y, form=form), func_oracle(model, tokens, y))
+        ours = per_sample_sq_norms(model, F.cross_entropy, tokens, y, form=form)
+        assert_norms_match(ours, func_oracle(model, tokens, y))
 
 
 def test_a_module_called_twice_adds_its_gradients():
@@ -485,8 +491,8 @@ def test_half_precision_inputs_do_not_overflow():
         assert got.dtype == torch.float32 and torch.isfinite(got).all()
         torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=0)
     rank_one = kernels.sum_outer_sq_norms(a[:, :1], g[:, :1])
-    torch.testing.assert_close(rank_one.double(), exact.new_tensor(
-        [(a[i, 0].double().square().sum() * g[i, 0].double().square().sum()).item() for i in range(4)]), rtol=1e-4, atol=0)
+    expected = a[:, 0].double().square().sum(1) * g[:, 0].double().square().sum(1)
+    torch.testing.assert_close(rank_one.double(), expected, rtol=1e-4, atol=0)
 
 
 def test_bfloat16_autocast_training_gives_finite_float32_statistics():
@@ -558,7 +564,8 @@ def test_fused_weight_gradients_leave_training_unchanged():
     assert kernels._conv_plan(base.wide, torch.randn(1, 4, 16, 16), "auto") == "explicit"
     assert kernels._linear_plan(base.seq, torch.randn(1, 64, 4), "auto") == "explicit"
     results = {}
-    for name, estimator in (("none", None), ("fused", ExactEstimator()), ("plain", ExactEstimator(fuse_weight_grads=False))):
+    runs = (("none", None), ("fused", ExactEstimator()), ("plain", ExactEstimator(fuse_weight_grads=False)))
+    for name, estimator in runs:
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         if estimator:
@@ -605,7 +612,8 @@ def test_random_models_train_identically_with_fused_weight_gradients(case, fused
     y = torch.cat([y, y.flip(0)])
     half = x.shape[0] // 2
     states, values = [], []
-    for estimator in (None, ExactEstimator(fuse_weight_grads=fused_first), ExactEstimator(fuse_weight_grads=not fused_first)):
+    for estimator in (None, ExactEstimator(fuse_weight_grads=fused_first),
+                      ExactEstimator(fuse_weight_grads=not fused_first)):
         m = copy.deepcopy(model)
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
         if estimator:

@@ -141,7 +141,8 @@ class ExactEstimator:
         # square().sum() in float64, not _foreach_norm: on CPU that accumulates naively (1e-4 off at 1M entries)
         param_sq = torch.stack([s.square().sum(dtype=torch.float64) for s in self._sum_grad])
         index = torch.tensor(self._layer_of_param, device=param_sq.device)
-        layer_sq_of_sum = torch.zeros(n_layers, dtype=torch.float64, device=param_sq.device).index_add_(0, index, param_sq)
+        layer_sq_of_sum = torch.zeros(n_layers, dtype=torch.float64, device=param_sq.device)
+        layer_sq_of_sum.index_add_(0, index, param_sq)
         both = torch.stack([self._sum_sq, layer_sq_of_sum])
         sum_sq, sq_of_sum = both.sum(1).tolist()  # the one host synchronisation
         per_layer: dict[str, float] = {}

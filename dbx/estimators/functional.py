@@ -118,7 +118,7 @@ def _with_hooks(model, loss_fn, inputs, targets, layers, exclude, *, allow_uncov
             seen.update(id(p) for p in mine)
             if mine:
                 per_layer[path or ROOT] = sum(_sq_rows(per_param[names[id(p)]]) for p in mine)
-    grad_sum = {names[id(p)]: (torch.zeros_like(p, dtype=torch.float32) if g is None else g.detach().float())
+    grad_sum = {names[id(p)]: (torch.zeros_like(p, dtype=torch.float32) if g is None else _at_least_f32(g.detach()))
                 for p, g in zip(plist, grads, strict=True)}
     total = torch.stack(list(per_layer.values())).sum(0)
     return PerSampleSqNorms(total=total, per_layer=per_layer, grad_sum=grad_sum)
@@ -139,7 +139,7 @@ def _func_only(model, loss_fn, inputs, targets, layers, exclude) -> PerSampleSqN
     per_param = per_sample_grads_func(model, loss_fn, inputs, targets, [n for ns in groups.values() for n in ns])
     per_layer = {key: sum(_sq_rows(per_param[n]) for n in ns) for key, ns in groups.items()}
     total = torch.stack(list(per_layer.values())).sum(0)
-    grad_sum = {n: g.sum(0).float() for n, g in per_param.items()}
+    grad_sum = {n: _at_least_f32(g.sum(0)) for n, g in per_param.items()}
     return PerSampleSqNorms(total=total, per_layer=per_layer, grad_sum=grad_sum)
 
 
@@ -167,9 +167,12 @@ def per_sample_grads_func(model: nn.Module, loss_fn: Callable[..., Tensor], inpu
     return per_sample(diff, inputs, targets)
 
 
+def _at_least_f32(g: Tensor) -> Tensor:
+    return g if g.dtype in (torch.float32, torch.float64) else g.float()
+
+
 def _sq_rows(g: Tensor) -> Tensor:
-    g = g.flatten(1)
-    return (g if g.dtype in (torch.float32, torch.float64) else g.float()).square().sum(1)
+    return _at_least_f32(g.flatten(1)).square().sum(1)
 
 
 def _param_names(model: nn.Module) -> dict[int, str]:

@@ -151,7 +151,8 @@ class NormHooks:
         self.model = model
         self.form = K.check_form(form)
         self.estimator = estimator
-        self.layers = [Layer(path, module, kernel, i, params) for i, (path, module, kernel, params) in enumerate(layers)]
+        self.layers = [Layer(path, module, kernel, i, params)
+                       for i, (path, module, kernel, params) in enumerate(layers)]
         for layer in self.layers:
             layer.fusable = fuse and layer.kernel.plan is not None and K._trainable(layer.module, "weight")
         self.batch: int | None = None  # leading dimension of the model's input in this forward
@@ -171,8 +172,8 @@ class NormHooks:
             if layer.fusable:
                 self._handles.append(layer.module.register_forward_pre_hook(partial(self._fuse_pre_hook, layer),
                                                                             with_kwargs=True))
-            self._handles.append(layer.module.register_forward_hook(partial(self._forward_hook, layer), with_kwargs=True,
-                                                                    always_call=layer.fusable))
+            self._handles.append(layer.module.register_forward_hook(
+                partial(self._forward_hook, layer), with_kwargs=True, always_call=layer.fusable))
         self.reset()
 
     def detach(self) -> None:
@@ -345,7 +346,8 @@ def build_hooks(model: nn.Module, *, include: Sequence[str] | None, exclude: Seq
                  for path, module, _, params in own.covered if any(id(p) in own.shared_ids for p in params)]
         own = Ownership(keep, own.uncovered + moved, [], set())
     if own.shared:
-        listing = "; ".join(f"{name} is used by {', '.join(map(repr, map(display, paths)))}" for name, paths in own.shared[:5])
+        listing = "; ".join(f"{name} is used by {', '.join(map(repr, map(display, paths)))}"
+                            for name, paths in own.shared[:5])
         paths = sorted({p or ROOT for _, ps in own.shared for p in ps})
         raise EstimatorConfigError(
             f"estimator {estimator!r} cannot take per-sample norms of parameters shared between modules "
@@ -353,7 +355,8 @@ def build_hooks(model: nn.Module, *, include: Sequence[str] | None, exclude: Seq
             f"estimator.params.exclude: {paths}, or use the 'subsampled' estimator."
         )
     if own.uncovered and not allow_uncovered:
-        listing = ", ".join(f"{display(path)!r} ({type(m).__module__}.{type(m).__qualname__})" for path, m, _ in own.uncovered[:8])
+        listing = ", ".join(f"{display(path)!r} ({type(m).__module__}.{type(m).__qualname__})"
+                            for path, m, _ in own.uncovered[:8])
         more = f" and {len(own.uncovered) - 8} more" if len(own.uncovered) > 8 else ""
         paths = [path or ROOT for path, _, _ in own.uncovered]
         raise EstimatorConfigError(

@@ -239,7 +239,7 @@ def _unfold(module: nn.Module, x: Tensor) -> Tensor:
         if any(module._reversed_padding_repeated_twice):
             x = F.pad(x, module._reversed_padding_repeated_twice)
     else:
-        padding = (0, module.padding[0]) if isinstance(module, nn.Conv1d) else tuple(module.padding)  # type: ignore[assignment]
+        padding = (0, module.padding[0]) if isinstance(module, nn.Conv1d) else tuple(module.padding)
     if isinstance(module, nn.Conv1d):
         x = x.unsqueeze(2)
     if kernel == (1, 1) and stride == (1, 1) and padding == (0, 0):
@@ -271,7 +271,8 @@ def _conv_out_spatial(module: nn.Module, in_spatial: Sequence[int]) -> tuple[int
                  zip(in_spatial, total, module.dilation, module.kernel_size, module.stride, strict=True))
 
 
-def conv_forms_cost(module: nn.Module, in_spatial: Sequence[int], out_spatial: Sequence[int] | None = None) -> dict[str, int]:
+def conv_forms_cost(module: nn.Module, in_spatial: Sequence[int],
+                    out_spatial: Sequence[int] | None = None) -> dict[str, int]:
     """Multiply-adds per sample of the two forms for one call of a Conv1d/Conv2d.
 
     ghost: the Gram matrix of the (padded) input pixels, X^T X (Np^2 C/G per group), whose k^2
@@ -595,7 +596,8 @@ def kernel_for(module: nn.Module) -> Kernel | None:
             return None
         if isinstance(module, nn.Embedding) and (module.sparse or module.scale_grad_by_freq):
             return None
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+        modes = ("zeros", "reflect", "replicate", "circular")
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode not in modes:
             return None
         return kernel
     return None
