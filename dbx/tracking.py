@@ -199,8 +199,6 @@ class TrackedRun:
 def open_run(spec: Any, *, uri: str, experiment: str | None, run_name: str, device_label: str,
              plugins: dict[str, str], parent_run_id: str | None = None) -> TrackedRun:
     """Create the MLflow run with the spec's params, the environment's tags and the spec as artifacts."""
-    from mlflow.entities import Param
-
     client = _client(uri)
     experiment_id = ensure_experiment(client, uri, experiment or spec.tracking.experiment or spec.name)
     tags = environment_tags(device_label, plugins)
@@ -209,15 +207,22 @@ def open_run(spec: Any, *, uri: str, experiment: str | None, run_name: str, devi
         tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, tags=tags, run_name=run_name)
     tracked = TrackedRun(client, run.info.run_id, experiment_id, uri)
-    params = [Param(k, v[:6000]) for k, v in spec.flat_params().items()]
-    for i in range(0, len(params), MAX_PARAMS):
-        client.log_batch(run.info.run_id, params=params[i:i + MAX_PARAMS])
-    if spec.source_text:
-        tracked.log_text(spec.source_text, f"spec/{Path(spec.source_path or 'spec.yaml').name}")
-    tracked.log_text(spec.resolved_yaml(), "spec/resolved.yaml")
+    _log_spec(tracked, spec)
     if spec.tracking.system_metrics:
         tracked._monitor = _start_system_metrics(run.info.run_id, uri)
     return tracked
+
+
+def _log_spec(tracked: TrackedRun, spec: Any) -> None:
+    """The flattened spec as params, and the spec as given and as resolved as artifacts."""
+    from mlflow.entities import Param
+
+    params = [Param(k, v[:6000]) for k, v in spec.flat_params().items()]
+    for i in range(0, len(params), MAX_PARAMS):
+        tracked.client.log_batch(tracked.run_id, params=params[i:i + MAX_PARAMS])
+    if spec.source_text:
+        tracked.log_text(spec.source_text, f"spec/{Path(spec.source_path or 'spec.yaml').name}")
+    tracked.log_text(spec.resolved_yaml(), "spec/resolved.yaml")
 
 
 def checkpoint_folder(uri: str, configured: str | None, run_id: str) -> Path:
@@ -291,8 +296,6 @@ SWEEP_TAG = "dbx.sweep"  # "true" on a sweep's parent run
 def open_sweep_run(spec: Any, *, uri: str, experiment: str | None, points: dict[str, str]) -> TrackedRun:
     """The parent run of a sweep, named after the spec: its params and files, and its points
     (run name -> varied values) as ``sweep/points.txt``. The children name it as their parent."""
-    from mlflow.entities import Param
-
     import dbx
 
     client = _client(uri)
@@ -304,12 +307,7 @@ def open_sweep_run(spec: Any, *, uri: str, experiment: str | None, points: dict[
         tags["mlflow.source.git.commit"] = commit
     run = client.create_run(experiment_id, tags=tags, run_name=spec.name)
     tracked = TrackedRun(client, run.info.run_id, experiment_id, uri)
-    params = [Param(k, v[:6000]) for k, v in spec.flat_params().items()]
-    for i in range(0, len(params), MAX_PARAMS):
-        client.log_batch(run.info.run_id, params=params[i:i + MAX_PARAMS])
-    if spec.source_text:
-        tracked.log_text(spec.source_text, f"spec/{Path(spec.source_path or 'spec.yaml').name}")
-    tracked.log_text(spec.resolved_yaml(), "spec/resolved.yaml")
+    _log_spec(tracked, spec)
     tracked.log_text("".join(f"{name}  {label}\n" for name, label in points.items()), "sweep/points.txt")
     return tracked
 

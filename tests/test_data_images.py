@@ -299,7 +299,7 @@ def test_bad_val_annotation_names_the_line(tmp_path):
 
 def test_digits_is_always_available():
     splits = digits(seed=0)
-    (x, y), (xt, yt) = splits.train, splits.test
+    (x, y), (xt, _) = splits.train, splits.test
     assert x.shape[1:] == (1, 8, 8) and len(x) + len(xt) == 1797 and len(xt) == 359
     assert splits.num_classes == 10 and set(y.tolist()) == set(range(10))
     assert torch.equal(digits(seed=0).train[0], x) and not torch.equal(digits(seed=1).train[0], x)
@@ -309,7 +309,7 @@ def test_digits_is_always_available():
 def test_tiny_imagenet_native_in_memory(tmp_path):
     write_tiny_imagenet(tmp_path)
     in_memory = tiny_imagenet(root=str(tmp_path), native=True, device_resident=True)
-    (x, y), (xt, yt) = in_memory.train, in_memory.test
+    (x, y), (xt, _) = in_memory.train, in_memory.test
     assert x.shape == (6, 3, 64, 64) and x.dtype == torch.float32 and xt.shape == (6, 3, 64, 64)
     assert in_memory.augment.padding == 4 and in_memory.augment.flip
     per_image = tiny_imagenet(root=str(tmp_path), native=True, augment=False)

@@ -12,7 +12,7 @@ from dbx.errors import UserError
 
 def test_logistic_shapes_and_dtypes():
     splits = synthetic_logistic(n=1000, d=16, test_fraction=0.2, seed=0)
-    (x, y), (xt, yt) = splits.train, splits.test
+    (x, y), (xt, _) = splits.train, splits.test
     assert x.shape == (800, 16) and xt.shape == (200, 16)
     assert x.dtype == torch.float32 and y.dtype == torch.int64
     assert y.shape == (800,) and set(y.unique().tolist()) == {0, 1}

@@ -73,7 +73,7 @@ def rows_oracle(model, x, y, loss_fn=F.cross_entropy):
             rows.append(torch.autograd.grad(out, params, mask, retain_graph=True))
         for j, p in enumerate(params):  # the per-sample terms sum to the batch gradient
             terms = max(r[j].abs().max().item() for r in rows)
-            torch.testing.assert_close(sum(r[j] for r in rows), p.grad, rtol=1e-4, atol=1e-6 * largest + 1e-5 * terms)
+            torch.testing.assert_close(sum(r[j] for r in rows), p.grad, rtol=1e-4, atol=1e-6 * largest + 1e-4 * terms)
         result[path] = torch.stack([sum(g.double().square().sum() for g in r) for r in rows])
     model.zero_grad(set_to_none=True)
     return result
@@ -193,11 +193,11 @@ def build(layers, example):
     return nn.Sequential(*modules), h
 
 
-def well_conditioned(model, x, smallest=4):
+def well_conditioned(model, x, smallest=8):
     """Every normalisation layer normalises at least ``smallest`` values per sample and group.
 
-    Normalising two or three values is so ill-conditioned that the oracle's own rounding (a
-    per-sample forward versus a batched one) shows in the fourth digit.
+    Normalising a handful of values is so ill-conditioned that float32 rounding (a per-sample
+    forward versus a batched one, or two summation orders) shows in the fourth digit.
     """
     sizes = []
     def hook(module, args, output):

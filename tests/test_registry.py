@@ -20,12 +20,12 @@ def site(tmp_path, monkeypatch):
     registry.refresh()
 
 
-def install(site, dist: str, entry_points: str, modules: dict[str, str] = {}):
+def install(site, dist: str, entry_points: str, modules: dict[str, str] | None = None):
     info = site / f"{dist}-1.2.3.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
     (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
-    for name, source in modules.items():
+    for name, source in (modules or {}).items():
         (site / f"{name}.py").write_text(textwrap.dedent(source))
 
 
