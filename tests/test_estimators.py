@@ -348,6 +348,8 @@ def test_subsampled_equals_the_diversity_of_its_drawn_samples():
     assert est.samples == 25
     assert est.value == pytest.approx(expected.item(), rel=1e-5)
     assert all(p.grad is None for p in model.parameters())
+    # extrapolated, the value and its sums describe all 60 samples, and so does `samples`
+    assert SubsampledEstimator(samples=25, micro_batch=10, seed=7).estimate(model, F.cross_entropy, (x, y)).samples == 60
 
 
 def test_subsampled_extrapolates_to_the_training_set_exactly_when_it_sees_all_of_it():

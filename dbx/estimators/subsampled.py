@@ -123,7 +123,7 @@ class SubsampledEstimator:
             s1, q = s1_m, q_m
         return DiversityEstimate(
             value=_ratio(s1, q),
-            samples=m,
+            samples=n if self.extrapolate else m,  # the set the value (and its sums) describe
             seconds=time.perf_counter() - start,
             sum_sq_norms=s1,
             sq_norm_of_sum=q,
