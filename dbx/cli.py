@@ -60,7 +60,7 @@ def main() -> None:
 @click.option("--device", type=str, default=None, metavar="auto|cpu|cuda[:N]",
               help="Where to train; overrides the spec's device. auto (the default) uses CUDA when there is one.")
 @click.option("--tracking-uri", default=None, metavar="URI",
-              help="MLflow store: sqlite:///path.db, a folder, or http://server. Default: the spec's "
+              help="MLflow store: sqlite:///path.db (or just path.db) or http://server. Default: the spec's "
                    "tracking.uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db.")
 @click.option("--experiment", default=None, help="MLflow experiment name. Default: tracking.experiment, else the spec's name.")
 @click.option("--dry-run", is_flag=True, help="List the runs the spec (and its sweep) would start, and start none.")
