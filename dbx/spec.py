@@ -591,6 +591,14 @@ def _set_path(data: dict[str, Any], path: Path, value: Any) -> dict[str, Any]:
     return root
 
 
+def _try_set(data: dict[str, Any], path: Path, value: Any) -> tuple[dict[str, Any], str | None]:
+    """``data`` with ``path`` set, or the unchanged data and why the path cannot be set."""
+    try:
+        return _set_path(data, path, value), None
+    except ValueError as exc:
+        return data, str(exc)
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], list[Problem]]:
     """Apply ``KEY=VALUE`` strings to spec data; returns new data (the input is left alone).
 
@@ -620,10 +628,7 @@ def _apply_overrides(
         if message is None and value_error is not None:
             message = f"cannot read the value {text!r}: {value_error}"
         if message is None:
-            try:
-                data = _set_path(data, path, value)
-            except ValueError as exc:
-                message = str(exc)
+            data, message = _try_set(data, path, value)
         if message is not None:
             problems.append(Problem(where, key, message))
             continue
@@ -820,10 +825,7 @@ def expand_sweep(spec: Spec) -> list[tuple[str, Spec]]:
         for key, path, value in zip(keys, paths, values):
             message = _sweep_key_problem(key)
             if message is None:
-                try:
-                    data = _set_path(data, path, value)
-                except ValueError as exc:
-                    message = str(exc)
+                data, message = _try_set(data, path, value)
             if message is not None:
                 point_problems.append(Problem(places[path], f"sweep.{key}", message))
         point_origin = _Origin(origin.source, origin.path, origin.text, origin.lines, {**origin.assigned, **places})

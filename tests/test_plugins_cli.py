@@ -4,10 +4,9 @@
 The broken packages are real distributions (a ``*.dist-info`` folder with METADATA and
 entry_points.txt on sys.path), as in test_registry.py.
 """
-import textwrap
 
-import pytest
 from click.testing import CliRunner
+from distributions import install
 
 import dbx
 from dbx import registry
@@ -23,28 +22,6 @@ optimizer: {lr: 0.2}
 epochs: 2
 policy: {name: fixed}
 """
-
-
-@pytest.fixture
-def site(tmp_path, monkeypatch):
-    """A folder on sys.path to install small distributions into; the registry rescans."""
-    folder = tmp_path / "site"
-    folder.mkdir()
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    registry.refresh()
-    yield folder
-    registry.refresh()
-
-
-def install(site, dist: str, entry_points: str, modules: dict[str, str] | None = None):
-    info = site / f"{dist.replace('-', '_')}-1.2.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
-    (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
-    for name, source in (modules or {}).items():
-        (site / f"{name}.py").write_text(textwrap.dedent(source))
 
 
 def install_two_broken_plugins(site):

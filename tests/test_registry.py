@@ -3,30 +3,12 @@
 A distribution is just a ``*.dist-info`` folder on ``sys.path`` with METADATA and
 entry_points.txt, so the tests create real (tiny) distributions instead of faking importlib.
 """
-import textwrap
 
 import pytest
+from distributions import install
 
 from dbx import registry
 from dbx.registry import PluginError
-
-
-@pytest.fixture
-def site(tmp_path, monkeypatch):
-    """A folder on sys.path where a test can install small distributions; the registry rescans."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    registry.refresh()
-    yield tmp_path
-    registry.refresh()
-
-
-def install(site, dist: str, entry_points: str, modules: dict[str, str] | None = None):
-    info = site / f"{dist}-1.2.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
-    (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
-    for name, source in (modules or {}).items():
-        (site / f"{name}.py").write_text(textwrap.dedent(source))
 
 
 def test_builtins_are_found_through_entry_points():

@@ -422,7 +422,12 @@ def _channel_affine(module: nn.Module, xhats: list[Tensor], gs: list[Tensor]) ->
         if _trainable(module, "bias"):
             b = y3.sum(-1)
             gb = b if gb is None else gb + b
-    total = torch.zeros(n, dtype=_acc(gs[0]), device=gs[0].device)
+    return _weight_and_bias_sq(gw, gb, n, gs[0])
+
+
+def _weight_and_bias_sq(gw: Tensor | None, gb: Tensor | None, n: int, like: Tensor) -> Tensor:
+    """Per-sample ||g_weight||^2 + ||g_bias||^2 of an affine normalisation (either may be frozen)."""
+    total = torch.zeros(n, dtype=_acc(like), device=like.device)
     if gw is not None:
         total = total + _sq(gw, 1)
     if gb is not None:
@@ -442,12 +447,7 @@ def _feature_affine(module: nn.Module, xhats: list[Tensor], gs: list[Tensor], fe
         if _trainable(module, "bias"):
             b = y3.sum(1)
             gb = b if gb is None else gb + b
-    total = torch.zeros(n, dtype=_acc(gs[0]), device=gs[0].device)
-    if gw is not None:
-        total = total + _sq(gw, 1)
-    if gb is not None:
-        total = total + _sq(gb, 1)
-    return total
+    return _weight_and_bias_sq(gw, gb, n, gs[0])
 
 
 #: autograd nodes of batch norm whose saved results 1 and 2 are the batch mean and inverse std
