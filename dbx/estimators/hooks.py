@@ -228,7 +228,7 @@ class NormHooks:
             return
         if not (x.requires_grad or K._trainable(module, "bias")):
             return
-        if layer.kernel.plan(module, x, self.form) != "explicit":
+        if layer.kernel.plan(module, x, self.form, fused=True) != "explicit":
             return
         weight = module._parameters["weight"]
         layer.detached = weight

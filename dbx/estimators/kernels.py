@@ -142,9 +142,9 @@ class Kernel:
     sq_norms: Callable[..., Tensor]
     capture: Callable[[nn.Module, Tensor, Tensor], object] = lambda module, x, output: x
     param_names: tuple[str, ...] = ("weight", "bias")
-    #: ``plan(module, x, form)`` -> "explicit" when a call with input ``x`` will use the explicit
-    #: form (its weight gradient can then be fused); None for kernels that never fuse.
-    plan: Callable[[nn.Module, Tensor, str], str] | None = None
+    #: ``plan(module, x, form, fused=True)`` -> "explicit" when a call with input ``x`` whose weight
+    #: gradient the kernel would supply is cheaper in the explicit form; None for kernels that never fuse.
+    plan: Callable[..., str] | None = None
 
 
 def accumulate_grad(param: Tensor, grad: Tensor) -> None:
@@ -165,14 +165,17 @@ def _linear_positions(x: Tensor) -> int:
     return x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
 
 
-def _linear_plan(module: nn.Linear, x: Tensor, form: str) -> str:
+def _linear_plan(module: nn.Linear, x: Tensor, form: str, fused: bool = False) -> str:
+    """The form for a call with input ``x``; ``fused``: if explicit, it would supply the weight
+    gradient (costs as for convolutions: ``conv_forms_cost``)."""
     t = _linear_positions(x)
     if t == 1:
         return "rank-one"
     if form != "auto":
         return form
     i, o = module.in_features, module.out_features
-    return "ghost" if t * (i + o) <= i * o else "explicit"
+    explicit = i * o * FUSED_ELEMENT_MACS.get(x.device.type, 64) if fused else t * i * o
+    return "ghost" if t * t * (i + o) <= explicit else "explicit"
 
 
 def _linear_sq_norms(module: nn.Linear, xs: list[Tensor], gs: list[Tensor], form: str,
@@ -271,13 +274,22 @@ def _conv_out_spatial(module: nn.Module, in_spatial: Sequence[int]) -> tuple[int
                  zip(in_spatial, total, module.dilation, module.kernel_size, module.stride, strict=True))
 
 
+#: The cost, in multiply-adds, of one element of the per-sample weight gradients in the explicit
+#: form when their batch sum replaces autograd's weight gradient ("fused"): the multiply-adds then
+#: cost nothing extra, but B x (weight size) elements are written, summed and squared, which is
+#: memory-bound. Measured per device type with ``python benchmarks/estimators.py --forms``.
+FUSED_ELEMENT_MACS = {"cpu": 64, "cuda": 64}
+
+
 def conv_forms_cost(module: nn.Module, in_spatial: Sequence[int],
-                    out_spatial: Sequence[int] | None = None) -> dict[str, int]:
-    """Multiply-adds per sample of the two forms for one call of a Conv1d/Conv2d.
+                    out_spatial: Sequence[int] | None = None, device_type: str = "cpu") -> dict[str, int]:
+    """Multiply-adds per sample of the forms for one call of a Conv1d/Conv2d.
 
     ghost: the Gram matrix of the (padded) input pixels, X^T X (Np^2 C/G per group), whose k^2
     shifted blocks add up to the Gram matrix of the input patches, and the output gradients' Gram
-    matrix (T^2 O/G); explicit: the per-sample weight gradient (T C/G k^2 O/G per group).
+    matrix (T^2 O/G); explicit: the per-sample weight gradient (T C/G k^2 O/G per group);
+    explicit_fused: what the explicit form adds to the step when it also supplies the batch weight
+    gradient (``FUSED_ELEMENT_MACS`` per per-sample gradient element).
     """
     dims = len(in_spatial)
     out_spatial = out_spatial or _conv_out_spatial(module, in_spatial)
@@ -289,14 +301,17 @@ def conv_forms_cost(module: nn.Module, in_spatial: Sequence[int],
     return {
         "ghost": groups * (pixels * pixels * cg + positions * positions * (og + taps)),
         "explicit": groups * positions * cg * taps * og,
+        "explicit_fused": groups * cg * taps * og * FUSED_ELEMENT_MACS.get(device_type, 64),
     }
 
 
-def _conv_plan(module: nn.Module, x: Tensor, form: str) -> str:
+def _conv_plan(module: nn.Module, x: Tensor, form: str, fused: bool = False) -> str:
+    """The form for a call with input ``x``; ``fused``: if explicit, it would supply the weight gradient."""
     if form != "auto":
         return form
-    costs = conv_forms_cost(module, x.shape[2:])
-    return "ghost" if costs["ghost"] <= costs["explicit"] else "explicit"
+    costs = conv_forms_cost(module, x.shape[2:], device_type=x.device.type)
+    explicit = costs["explicit_fused" if fused else "explicit"]
+    return "ghost" if costs["ghost"] <= explicit else "explicit"
 
 
 def _conv_ghost(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
@@ -469,22 +484,40 @@ def _batchnorm_capture(module: nn.Module, x: Tensor, output: Tensor) -> tuple[Te
 
 def _batchnorm_sq_norms(module: nn.Module, ctxs: list, gs: list[Tensor], form: str,
         fused: list[bool] | None = None) -> Tensor:
-    # per sample i and channel c: dL/dweight = invstd_c * (sum_s b*x - mean_c * sum_s b), dL/dbias = sum_s b
+    # per sample i and channel c: dL/dweight = invstd_c * sum_s b * (x - mean_c), dL/dbias = sum_s b
     n, c = gs[0].shape[0], gs[0].shape[1]
     gw = gb = None
     for (x, mean, invstd), y in zip(ctxs, gs, strict=True):
         if mean is None:
             mean, invstd = module.running_mean, torch.rsqrt(_f32(module.running_var) + module.eps)
-        y3 = _f32(y.reshape(n, c, -1))
-        bias = y3.sum(-1)
-        if _trainable(module, "weight"):
-            w = (torch.linalg.vecdot(y3, _f32(x.reshape(n, c, -1))) - mean.to(y3.dtype) * bias) * invstd.to(y3.dtype)
-            gw = w if gw is None else gw + w
-        gb = bias if gb is None else gb + bias
-    total = _sq(gw, 1) if gw is not None else torch.zeros(n, dtype=_acc(gs[0]), device=gs[0].device)
+        w, b = _batchnorm_sample_grads(x, y, mean, invstd)
+        gw = w if gw is None else gw + w
+        gb = b if gb is None else gb + b
+    total = _sq(gw, 1) if _trainable(module, "weight") else torch.zeros(n, dtype=gb.dtype, device=gb.device)
     if _trainable(module, "bias"):
         total = total + _sq(gb, 1)
     return total
+
+
+def _batchnorm_sample_grads(x: Tensor, y: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample, per-channel gradients of BatchNorm's weight and bias: two (B, C) tensors.
+
+    They are the weight and bias gradients of a batch norm over one sample whose channels are the
+    batch's (sample, channel) pairs, so for NCHW-contiguous inputs the framework's own batch-norm
+    backward computes them in one fused pass over ``x`` and ``b`` (its input gradient not asked
+    for): several times faster than separate reductions on CPU.
+    """
+    n, c = y.shape[0], y.shape[1]
+    x, y = _f32(x), _f32(y)
+    mean, invstd = mean.to(y.dtype), invstd.to(y.dtype)
+    if x.dtype == y.dtype and x.is_contiguous() and y.is_contiguous():
+        _, w, b = torch.ops.aten.native_batch_norm_backward(
+            y.view(1, n * c, -1), x.view(1, n * c, -1), None, None, None, mean.repeat(n), invstd.repeat(n),
+            True, 0.0, [False, True, True])
+        return w.view(n, c), b.view(n, c)
+    y3 = y.reshape(n, c, -1)
+    b = y3.sum(-1)
+    return (torch.linalg.vecdot(y3, x.reshape(n, c, -1)) - mean * b) * invstd, b
 
 
 def _instancenorm_capture(module: nn.Module, x: Tensor, output: Tensor) -> tuple[Tensor, bool]:
