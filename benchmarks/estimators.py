@@ -17,16 +17,19 @@ It also reports the batch's gradient diversity from each method at the first ste
 same batch): all must agree on the model without BatchNorm (the MLP); with BatchNorm the methods
 define "per-sample gradient" differently, and the table shows by how much they differ from dbx.
 
-Every (model, batch size, method) runs in a fresh process so that its peak memory can be read
-(on CPU: the peak resident memory above what the process held after a throw-away step of the same
-method at batch 2 (imports, lazy initialisation), i.e. parameters, gradients, optimizer state,
+Times are measured side by side: in one process, a plain runner and the method's runner (same
+initial weights, same data) take steps in turn, the order swapped every pair, and "x plain" is the
+median of the pairs' ratios, so that the shared machine's changing load hits both alike. On CPU
+they are the process's CPU seconds per step with one thread by default; ``--threads 0`` uses
+torch's default and ``--wall`` reports wall-clock time. Peak memory comes from a fresh process per
+(model, batch size, method) (on CPU: the peak resident memory above what the process held after a
+throw-away step of the same method at batch 2, i.e. parameters, gradients, optimizer state,
 activations and scratch, read from Linux's high-water mark after a reset; on CUDA:
-``torch.cuda.max_memory_allocated``). On CPU,
-times are the process's CPU seconds per step with one thread by default, which stays meaningful on
-a shared machine; ``--threads 0`` uses torch's default and ``--wall`` reports wall-clock time.
+``torch.cuda.max_memory_allocated``). ``--forms`` adds the per-convolution timings of the explicit
+and Gram forms that calibrate the estimator's choice between them.
 
-    python benchmarks/estimators.py                    # the default table (~3 min on 2 CPU cores)
-    python benchmarks/estimators.py --steps 5 --other-steps 3 --device cuda --batch-sizes 32,128,512
+    python benchmarks/estimators.py                    # the default table (~4 min on 2 CPU cores)
+    python benchmarks/estimators.py --steps 10 --other-steps 3 --device cuda --batch-sizes 32,128,512 --forms
     python benchmarks/estimators.py --models mlp --methods plain,exact,vmap
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -232,8 +236,17 @@ def warm_up(model_name: str, method: str, device: str) -> None:
         runner.estimator.detach()
 
 
-def measure(model_name: str, batch: int, method: str, device: str, warmup: int, steps: int, threads: int,
-            wall: bool) -> dict[str, Any]:
+def make_batch(batch: int, device: str):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    return x, y
+
+
+def measure_memory(model_name: str, batch: int, method: str, device: str, threads: int) -> dict[str, Any]:
+    """Peak memory of two steps of ``method`` alone in this process, and its first-step diversity."""
     import torch
     import torch.nn.functional as F
 
@@ -242,30 +255,107 @@ def measure(model_name: str, batch: int, method: str, device: str, warmup: int, 
     cuda = device.startswith("cuda")
     warm_up(model_name, method, device)
     baseline = reset_peak_rss()
-    model = build_model(model_name).to(device)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
-    y = torch.randint(0, 10, (batch,), generator=g).to(device)
-    runner = Method(method, model, F.cross_entropy, x, y, device)
+    x, y = make_batch(batch, device)
+    runner = Method(method, build_model(model_name).to(device), F.cross_entropy, x, y, device)
     step = getattr(runner, f"step_{method}")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times: list[float] = []
-    i = 0
-    # at least `steps` timed steps, and more (up to 200) until they add up to half a second
-    while i < warmup + steps or (sum(times) < 0.5 and len(times) < 200):
-        start_wall, start_cpu = time.perf_counter(), time.process_time()
+    for _ in range(2):
         step()
+    if cuda:
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes() - baseline
+    return {"peak_bytes": peak, "diversity": runner.diversity}
+
+
+def measure_time(model_name: str, batch: int, method: str, device: str, warmup: int, steps: int, threads: int,
+                 wall: bool) -> dict[str, Any]:
+    """Steps of a plain runner and a ``method`` runner (same initial weights and data) in turn, the
+    order swapped every pair, so that a change in the machine's load hits both alike; the ratio is
+    the median of the pairs' ratios."""
+    import torch
+    import torch.nn.functional as F
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    cuda = device.startswith("cuda")
+    x, y = make_batch(batch, device)
+    runners = {name: Method(name, build_model(model_name).to(device), F.cross_entropy, x, y, device)
+               for name in ("plain", method)}
+
+    def timed(name: str) -> float:
         if cuda:
             torch.cuda.synchronize()
-        elapsed = (time.perf_counter() - start_wall) if (wall or cuda) else (time.process_time() - start_cpu)
-        if i >= warmup:
-            times.append(elapsed)
-        i += 1
-    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes() - baseline
-    times.sort()
-    return {"seconds": times[len(times) // 2], "all_seconds": times, "peak_bytes": peak, "diversity": runner.diversity}
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        getattr(runners[name], f"step_{name}")()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start_wall) if (wall or cuda) else (time.process_time() - start_cpu)
+
+    for _ in range(warmup):
+        timed("plain"), timed(method)
+    pairs: list[tuple[float, float]] = []
+    # at least `steps` pairs, and more (up to 200) until they add up to a second
+    while len(pairs) < steps or (sum(a + b for a, b in pairs) < 1.0 and len(pairs) < 200):
+        if len(pairs) % 2 == 0:
+            plain = timed("plain")
+            other = timed(method)
+        else:
+            other = timed(method)
+            plain = timed("plain")
+        pairs.append((plain, other))
+    return {
+        "plain_seconds": statistics.median(p for p, _ in pairs),
+        "seconds": statistics.median(o for _, o in pairs),
+        "ratio": statistics.median(o / p for p, o in pairs),
+        "pairs": pairs,
+    }
+
+
+def forms_table(device: str, batch: int, threads: int) -> None:
+    """Per convolution of the CIFAR ResNet-18: the batch weight gradient, the explicit form and
+    the Gram ("ghost") form, timed alone, with the form the cost model picks. The explicit form's
+    extra cost when fused is (explicit - batch); ``FUSED_ELEMENT_MACS`` is calibrated from it."""
+    import torch
+    from torch import nn
+
+    from dbx.estimators import kernels as K
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    cuda = device.startswith("cuda")
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    shapes = [(64, 64, 32, 1, 3), (64, 128, 32, 2, 3), (64, 128, 32, 2, 1), (128, 128, 16, 1, 3),
+              (128, 256, 16, 2, 3), (256, 256, 8, 1, 3), (256, 512, 8, 2, 3), (512, 512, 4, 1, 3)]
+    print(f"\n# convolution forms, B={batch}, {device}: seconds per call (best of 3)")
+    print(f"  {'conv':<22} {'batch':>8} {'explicit':>9} {'fused +':>8} {'ghost':>8}  picked  per-elem MACs")
+    for c_in, c_out, hw, stride, k in shapes:
+        conv = nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2, bias=False).to(device)
+        x = torch.randn(batch, c_in, hw, hw, device=device)
+        g = torch.randn(batch, c_out, hw // stride, hw // stride, device=device)
+        t_batch = best(lambda: torch.nn.grad.conv2d_weight(x, conv.weight.shape, g, stride=stride, padding=k // 2))
+        t_explicit = best(lambda: K._conv_explicit(conv, [x], [g], [False]))
+        t_ghost = best(lambda: K._conv_ghost(conv, x, g))
+        costs = K.conv_forms_cost(conv, x.shape[2:], device_type=x.device.type)
+        # the per-element cost at which fused explicit and ghost would tie, from the timings
+        per_elem = costs["ghost"] * (t_explicit - t_batch) / t_ghost / (c_in * c_out * k * k)
+        name = f"{c_in}->{c_out} {hw}px s{stride} k{k}"
+        print(f"  {name:<22} {t_batch:8.4f} {t_explicit:9.4f} {t_explicit - t_batch:+8.4f} {t_ghost:8.4f}  "
+              f"{K._conv_plan(conv, x, 'auto', fused=True):<8}{per_elem:7.0f}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,10 +375,9 @@ def available(method: str) -> str | None:
     return None
 
 
-def run_child(args, model: str, batch: int, method: str) -> dict[str, Any]:
-    steps = args.steps if method in ("plain", "exact") else args.other_steps
-    cmd = [sys.executable, __file__, "--child", model, str(batch), method, "--device", args.device,
-           "--warmup", str(args.warmup), "--steps", str(steps), "--threads", str(args.threads)]
+def run_child(args, *child: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, *child, "--device", args.device, "--warmup", str(args.warmup),
+           "--threads", str(args.threads)]
     if args.wall:
         cmd.append("--wall")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
@@ -305,6 +394,16 @@ def run_child(args, model: str, batch: int, method: str) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def measure_row(args, model: str, batch: int, method: str) -> dict[str, Any]:
+    """Memory in a process of its own; time side by side with plain steps in another."""
+    memory = run_child(args, "--memory-child", model, str(batch), method)
+    if "error" in memory or method == "plain":
+        return memory
+    steps = args.steps if method == "exact" else args.other_steps
+    timing = run_child(args, "--time-child", model, str(batch), method, "--steps", str(steps))
+    return {**memory, **timing}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -313,23 +412,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {METHODS}")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--steps", type=int, default=2,
-                        help="timed steps of plain and exact (the median is shown; short steps repeat to 0.5 s)")
-    parser.add_argument("--other-steps", type=int, default=1, help="timed steps of vmap, backpack and opacus")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="timed (plain, exact) step pairs (medians are shown; short steps repeat to 1 s)")
+    parser.add_argument("--other-steps", type=int, default=1, help="timed pairs for vmap, backpack and opacus")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU; 0 = torch's default")
     parser.add_argument("--wall", action="store_true", help="wall-clock instead of CPU time on CPU")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per (model, batch, method)")
     parser.add_argument("--json", help="also write the raw results to this file")
-    parser.add_argument("--child", nargs=3, metavar=("MODEL", "BATCH", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--forms", action="store_true",
+                        help="also time the convolution forms of the ResNet-18 at the largest batch size")
+    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--time-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "auto":
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.child:
-        model, batch, method = args.child
-        result = measure(model, int(batch), method, args.device, args.warmup, args.steps, args.threads, args.wall)
-        print(json.dumps(result))
+    if args.memory_child:
+        model, batch, method = args.memory_child
+        print(json.dumps(measure_memory(model, int(batch), method, args.device, args.threads)))
+        return 0
+    if args.time_child:
+        model, batch, method = args.time_child
+        print(json.dumps(measure_time(model, int(batch), method, args.device, args.warmup, args.steps,
+                                      args.threads, args.wall)))
         return 0
 
     models = [m for m in args.models.split(",") if m]
@@ -346,8 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# dbx estimator benchmark: torch {torch.__version__}, device {args.device}"
           + (f" ({threads} thread{'s' if threads > 1 else ''}, {platform.processor() or platform.machine()})"
              if args.device == "cpu" else f" ({torch.cuda.get_device_name(args.device)})")
-          + f", {args.warmup} warm-up + {args.steps} timed steps (median; {args.other_steps} for vmap, backpack,"
-          f" opacus), {clock} per step")
+          + f", {clock} per step; each method's steps alternate with plain steps in one process"
+          f" ({args.warmup} warm-up + {args.steps} timed pairs, {args.other_steps} for vmap, backpack, opacus),"
+          f" 'x plain' is the median of the pairs' ratios; peak memory from a process of its own")
     results: dict[str, Any] = {}
     start = time.perf_counter()
     for model in models:
@@ -355,9 +462,14 @@ def main(argv: list[str] | None = None) -> int:
             row = {}
             for method in methods:
                 why = available(method)
-                row[method] = {"error": why} if why else run_child(args, model, batch, method)
+                row[method] = {"error": why} if why else measure_row(args, model, batch, method)
+            plain_times = [p for r in row.values() for p, _ in r.get("pairs", [])]
+            if plain_times and "error" not in row["plain"]:
+                row["plain"].update(seconds=statistics.median(plain_times), ratio=1.0)
             results[f"{model}/B={batch}"] = row
             print_block(model, batch, methods, row)
+    if args.forms:
+        forms_table(args.device, max(batches), args.threads)
     print(f"# total {time.perf_counter() - start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
@@ -372,10 +484,10 @@ def print_block(model: str, batch: int, methods: list[str], row: dict[str, Any])
           f" {'vs exact':>9}")
     for method in methods:
         r = row[method]
-        if "error" in r:
-            print(f"  {method:<9} {'-':>8} {'-':>8} {'-':>9} {'-':>8} {'-':>11} {'-':>9}  {r['error']}")
+        if "error" in r or "seconds" not in r:
+            print(f"  {method:<9} {'-':>8} {'-':>8} {'-':>9} {'-':>8} {'-':>11} {'-':>9}  {r.get('error', '')}")
             continue
-        t_ratio = r["seconds"] / plain["seconds"] if "seconds" in plain else float("nan")
+        t_ratio = r["ratio"]
         m_ratio = r["peak_bytes"] / plain["peak_bytes"] if plain.get("peak_bytes") else float("nan")
         div = r.get("diversity")
         vs = ""
