@@ -276,7 +276,15 @@ class DiversityEstimator(Protocol):
        per-sample losses; divide what the hooks saw by ``loss_scale`` to get per-sample gradients;
     3. once per optimizer step, before ``optimizer.step()``, ``on_step(loss_scale)``, when every
        parameter's ``.grad`` holds ``loss_scale * sum_i grad loss_i`` over the logical batch
-       (weight decay is not in it);
+       (weight decay is not in it). Steps the optimizer will not take reach ``on_step`` too and
+       must be left out of the statistic: under fp16 a step whose gradients overflowed (the
+       GradScaler skips it), and with ``on_nonfinite: skip_step`` a step whose loss was not
+       finite (its ``.grad`` already cleared). Decide it on the device (``torch.isfinite``);
+       dbx's ``exact`` does.
+
+    Under fp16, ``loss_scale`` is a 0-d tensor on the device (it holds the GradScaler's scale,
+    which changes between steps; reading it as a float would wait for the device); otherwise it is
+    a float.
     4. at the end of the epoch, ``estimate(model, loss_fn, data)`` returning a
        ``DiversityEstimate``; ``loss_fn(outputs, targets, reduction="sum")`` is the run's loss and
        ``data`` is the training split (for estimators that draw their own samples at fixed
@@ -298,9 +306,9 @@ class DiversityEstimator(Protocol):
 
     def attach(self, model: "torch.nn.Module") -> None: ...
 
-    def on_backward(self, loss_scale: float) -> None: ...
+    def on_backward(self, loss_scale: "float | torch.Tensor") -> None: ...
 
-    def on_step(self, loss_scale: float) -> None: ...
+    def on_step(self, loss_scale: "float | torch.Tensor") -> None: ...
 
     def estimate(self, model: "torch.nn.Module", loss_fn: Callable[..., Any], data: Any) -> DiversityEstimate: ...
 

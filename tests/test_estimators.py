@@ -90,6 +90,35 @@ def test_exact_equals_explicit_per_sample_gradients_on_an_mlp(reduction, batch_s
     assert est.seconds > 0
 
 
+def test_a_step_whose_gradients_overflowed_is_left_out_of_both_sums():
+    # fp16 training passes the GradScaler's scale as a device tensor; a step whose scaled
+    # gradients overflowed (the scaler skips it) must not reach the statistic
+    torch.manual_seed(0)
+    model = mlp()
+    x, y = torch.randn(8, 12), torch.randint(0, 4, (8,))
+
+    def step(estimator, scale):
+        loss_scale = torch.tensor(scale) / len(x)
+        (F.cross_entropy(model(x), y, reduction="sum") * loss_scale).backward()
+        estimator.on_backward(loss_scale)
+        estimator.on_step(loss_scale)
+        model.zero_grad(set_to_none=True)
+
+    with_overflow, clean = ExactEstimator(), ExactEstimator()
+    with_overflow.attach(model)
+    step(with_overflow, 1e38)  # squares of these gradients overflow float32
+    step(with_overflow, 1024.0)
+    result = with_overflow.estimate(model, F.cross_entropy, None)
+    with_overflow.detach()
+    clean.attach(model)
+    step(clean, 1.0)
+    expected = clean.estimate(model, F.cross_entropy, None)
+    clean.detach()
+    assert result.samples == expected.samples == 8
+    assert result.value == pytest.approx(expected.value, rel=1e-5)
+    assert result.sum_sq_norms == pytest.approx(expected.sum_sq_norms, rel=1e-5)
+
+
 def test_exact_on_regression_with_mse_and_a_bias_free_layer():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(6, 8, bias=False), nn.GELU(), nn.Linear(8, 1))

@@ -76,8 +76,10 @@ class ExactEstimator:
 
     def _reset_sums(self) -> None:
         self._sum_sq = None  # (layers,) float64: sum over samples of per-layer ||g_i||^2
+        self._step_sq = None  # (layers,) float64: the current optimizer step's share, added in on_step
+        self._step_samples = 0
         self._sum_grad: list[Any] = []  # float32 copies of the parameters: sum over samples of g_i
-        self._samples = 0
+        self._samples = None  # 0-d int64 on the device: samples of the steps counted
         self._seconds = 0.0
         self._checked = False
 
@@ -98,11 +100,15 @@ class ExactEstimator:
         self._reset_sums()
         device = self._params[0].device
         self._sum_sq = torch.zeros(len(hooks.layers), dtype=torch.float64, device=device)
+        self._step_sq = torch.zeros_like(self._sum_sq)
+        self._samples = torch.zeros((), dtype=torch.long, device=device)
         self._sum_grad = [torch.zeros_like(p, dtype=torch.float32) for p in self._params]
         hooks.attach()
         self._seconds = time.perf_counter() - start
 
-    def on_backward(self, loss_scale: float) -> None:
+    def on_backward(self, loss_scale: Any) -> None:
+        import torch
+
         hooks = self._hooks
         if hooks is None:
             return
@@ -110,11 +116,16 @@ class ExactEstimator:
         start = time.perf_counter()
         rows = hooks.collect()  # (layers, B): squared norms of loss_scale * g_i
         if rows is not None:
-            self._sum_sq.add_(rows.sum(1), alpha=1.0 / (loss_scale * loss_scale))
-            self._samples += batch if batch is not None else rows.shape[1]
+            self._step_sq.add_(rows.sum(1, dtype=torch.float64) / (loss_scale * loss_scale))
+            self._step_samples += batch if batch is not None else rows.shape[1]
         self._seconds += time.perf_counter() - start
 
-    def on_step(self, loss_scale: float) -> None:
+    def on_step(self, loss_scale: Any) -> None:
+        """Add the step to both sums, unless its norms are not finite (an fp16 step whose gradients
+        overflowed, which the GradScaler skips, or a step skipped for a non-finite loss): that is
+        decided on the device, without waiting for it. With a tensor ``loss_scale`` (a GradScaler's
+        scale) the summed gradient is masked the same way; a float scale means a step that reaches
+        here with finite norms has finite gradients, and the sum takes the fast path."""
         import torch
 
         if self._hooks is None:
@@ -122,11 +133,19 @@ class ExactEstimator:
         start = time.perf_counter()
         if not self._checked:
             self._check_hooks_saw_all_uses()
+        finite = torch.isfinite(self._step_sq).all()
+        self._sum_sq.add_(torch.where(finite, self._step_sq, 0.0))
+        self._samples.add_(finite.long() * self._step_samples)
+        self._step_sq.zero_()
+        self._step_samples = 0
         sums, grads = self._sum_grad, [p.grad for p in self._params]
         if any(g is None for g in grads):  # parameters that took no part in this step
             pairs = [(s, g) for s, g in zip(sums, grads, strict=True) if g is not None]
             sums, grads = [s for s, _ in pairs], [g for _, g in pairs]
-        if grads:
+        if grads and isinstance(loss_scale, torch.Tensor):
+            for total, grad in zip(sums, grads, strict=True):
+                total.add_(torch.where(finite, grad / loss_scale, 0.0))
+        elif grads:
             torch._foreach_add_(sums, grads, alpha=1.0 / loss_scale)
         self._seconds += time.perf_counter() - start
 
@@ -144,7 +163,7 @@ class ExactEstimator:
         layer_sq_of_sum = torch.zeros(n_layers, dtype=torch.float64, device=param_sq.device)
         layer_sq_of_sum.index_add_(0, index, param_sq)
         both = torch.stack([self._sum_sq, layer_sq_of_sum])
-        sum_sq, sq_of_sum = both.sum(1).tolist()  # the one host synchronisation
+        sum_sq, sq_of_sum, samples = torch.cat([both.sum(1), self._samples.view(1)]).tolist()  # the one sync
         per_layer: dict[str, float] = {}
         if self.per_layer:
             for layer, (s1, s2) in zip(hooks.layers, both.T.tolist(), strict=True):
@@ -152,7 +171,7 @@ class ExactEstimator:
         seconds = self._seconds + hooks.seconds + (time.perf_counter() - start)
         return DiversityEstimate(
             value=_ratio(sum_sq, sq_of_sum),
-            samples=self._samples,
+            samples=int(samples),
             seconds=seconds,
             per_layer=per_layer,
             sum_sq_norms=sum_sq,

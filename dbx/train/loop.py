@@ -188,7 +188,7 @@ def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, o
         step_loss = torch.zeros((), device=parts.device)
         step_correct = torch.zeros((), device=parts.device, dtype=torch.long)
         # fp16 multiplies the loss by the GradScaler's factor; the estimator must divide it out
-        grad_scale = scaler.get_scale() if scaler is not None and estimator is not None else 1.0
+        grad_scale = _scale_on_device(scaler, parts.device) if scaler is not None and estimator is not None else 1.0
         for x, y in chunks:
             with parts.autocast():
                 outputs = model(x)
@@ -204,6 +204,8 @@ def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, o
                 step_correct += (outputs.detach().argmax(dim=1) == y).sum()
         if skip_nonfinite and not torch.isfinite(step_loss).item():
             optimizer.zero_grad(set_to_none=True)
+            if estimator is not None:  # drops the step's non-finite norms; no gradients to add
+                estimator.on_step(loss_scale * grad_scale)
             skipped += 1
             steps += 1
             on_step()
@@ -275,6 +277,13 @@ def _checked_batch_size(value: Any, policy_name: str) -> int:
         raise RunFailed(f"policy {policy_name!r} returned batch size {value!r}; a policy must return a positive int",
                         reason="bad_policy_output")
     return value
+
+
+def _scale_on_device(scaler: Any, device: torch.device) -> torch.Tensor:
+    """The GradScaler's current scale as a device tensor: ``get_scale()`` would wait for the device
+    every step. (Before the first ``scale()`` the scaler holds no tensor yet: its initial value.)"""
+    scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else None
+    return scale if scale is not None else torch.full((), scaler.get_scale(), device=device)
 
 
 def _synchronize(device: torch.device) -> None:
