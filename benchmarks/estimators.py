@@ -41,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from typing import Any
 
 METHODS = ("plain", "exact", "vmap", "backpack", "opacus")
@@ -358,9 +359,9 @@ def forms_table(device: str, batch: int, threads: int) -> None:
         conv = nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2, bias=False).to(device)
         x = torch.randn(batch, c_in, hw, hw, device=device)
         g = torch.randn(batch, c_out, hw // stride, hw // stride, device=device)
-        t_batch = best(lambda: torch.nn.grad.conv2d_weight(x, conv.weight.shape, g, stride=stride, padding=k // 2))
-        t_explicit = best(lambda: K._conv_explicit(conv, [x], [g], [False]))
-        t_ghost = best(lambda: K._conv_ghost(conv, x, g))
+        t_batch = best(partial(torch.nn.grad.conv2d_weight, x, conv.weight.shape, g, stride=stride, padding=k // 2))
+        t_explicit = best(partial(K._conv_explicit, conv, [x], [g], [False]))
+        t_ghost = best(partial(K._conv_ghost, conv, x, g))
         costs = K.conv_forms_cost(conv, x.shape[2:], device_type=x.device.type)
         # the per-element cost at which fused explicit and ghost would tie, from the timings
         per_elem = costs["ghost"] * (t_explicit - t_batch) / t_ghost / (c_in * c_out * k * k)

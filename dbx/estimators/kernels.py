@@ -509,7 +509,7 @@ def _batchnorm_capture(module: nn.Module, x: Tensor, output: Tensor) -> tuple[Te
 def _batchnorm_sq_norms(module: nn.Module, ctxs: list, gs: list[Tensor], form: str,
         fused: list[bool] | None = None) -> Tensor:
     # per sample i and channel c: dL/dweight = invstd_c * sum_s b * (x - mean_c), dL/dbias = sum_s b
-    n, c = gs[0].shape[0], gs[0].shape[1]
+    n = gs[0].shape[0]
     gw = gb = None
     for (x, mean, invstd), y in zip(ctxs, gs, strict=True):
         if mean is None:

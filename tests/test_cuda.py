@@ -1,0 +1,157 @@
+"""What only a CUDA device can show: the estimator's numbers there, that a measuring step never
+waits for the device, and `dbx run` on a GPU in every precision. Skipped without CUDA; run them
+on a GPU machine with ``pytest tests/test_cuda.py`` (benchmarks/gpu_check.sh does, with the rest)."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from test_data_images import write_cifar10
+from torch import nn
+
+from dbx.cli import main
+from dbx.estimators import ExactEstimator, per_sample_sq_norms
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def exact_float32():
+    """cuDNN and cuBLAS use TF32 by default on Ampere and later (10 mantissa bits): compare in float32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=2), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 32, 1), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 10))
+
+
+@pytest.mark.parametrize("form", ["auto", "ghost", "explicit"])
+def test_exact_norms_on_cuda_match_the_cpu_with_cudnn_batchnorm(exact_float32, form):
+    model = conv_net().train()
+    x, y = torch.randn(24, 3, 16, 16), torch.randint(0, 10, (24,))
+    on_cpu = per_sample_sq_norms(copy.deepcopy(model), F.cross_entropy, x, y, form=form)
+    on_gpu = per_sample_sq_norms(copy.deepcopy(model).cuda(), F.cross_entropy, x.cuda(), y.cuda(), form=form)
+    assert set(on_gpu.per_layer) == set(on_cpu.per_layer)
+    for path, expected in on_cpu.per_layer.items():
+        torch.testing.assert_close(on_gpu.per_layer[path].cpu(), expected, rtol=1e-4, atol=1e-7, msg=path)
+
+
+def train_steps(model, estimator, batches, *, amp=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    for x, y in batches:
+        with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(x)
+        loss_scale = 1.0 / len(x)
+        if scaler is not None:
+            scale = scaler._get_scale_async()
+            loss_scale = loss_scale * (scale if scale is not None else torch.full((), scaler.get_scale(), device="cuda"))
+            scaler.scale(F.cross_entropy(out.float(), y, reduction="sum") / len(x)).backward()
+        else:
+            (F.cross_entropy(out.float(), y, reduction="sum") * loss_scale).backward()
+        estimator.on_backward(loss_scale)
+        estimator.on_step(loss_scale)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_measuring_steps_on_cuda_never_wait_for_the_device(amp):
+    model = conv_net().cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    batches = [(torch.randn(32, 3, 16, 16, device="cuda", generator=g),
+                torch.randint(0, 10, (32,), device="cuda", generator=g)) for _ in range(4)]
+    estimator = ExactEstimator()
+    estimator.attach(model)
+    train_steps(model, estimator, batches[:1], amp=amp)  # lazy initialisation may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train_steps(model, estimator, batches[1:], amp=amp)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    result = estimator.estimate(model, F.cross_entropy, None)
+    estimator.detach()
+    assert result.samples == 128 or (amp == torch.float16 and result.samples % 32 == 0 and result.samples > 0)
+    assert 0 < result.value < float("inf")
+
+
+def synchronisations(work) -> int:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            work()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+SPEC = """\
+name: gpu
+seed: 0
+device: cuda
+data: {{name: cifar10, root: {root}, params: {{augment: true}}}}
+model: {{name: resnet18_cifar}}
+optimizer: {{lr: 0.05, momentum: 0.9, weight_decay: 5e-4}}
+epochs: 3
+amp: {amp}
+policy: {{name: divebatch, params: {{initial: {initial}, max: 256, delta: 0.5, resize_every: 1}}}}
+estimator: {{name: exact}}
+tracking: {{system_metrics: false}}
+"""
+
+
+def test_a_measuring_epoch_synchronises_a_fixed_number_of_times_whatever_its_steps(tmp_path):
+    from dbx.spec import load_spec
+    from dbx.train.loop import train_one_epoch
+    from dbx.train.parts import build_parts
+
+    write_cifar10(tmp_path / "data", per_batch=64)  # 320 training images
+
+    def epoch_with(batch_size: int):
+        path = tmp_path / f"b{batch_size}.yaml"
+        path.write_text(SPEC.format(root=tmp_path / "data", amp="none", initial=batch_size))
+        spec = load_spec(path)
+        parts = build_parts(spec, torch.device("cuda"))
+        parts.train_loader.set_batch_size(batch_size)
+        parts.estimator.attach(parts.model)
+        train_one_epoch(parts, None, parts.estimator, lambda: None)  # warm-up: lazy initialisation
+        torch.cuda.synchronize()
+        count = synchronisations(lambda: train_one_epoch(parts, None, parts.estimator, lambda: None))
+        parts.estimator.detach()
+        return count
+
+    few, many = epoch_with(160), epoch_with(16)  # 2 steps against 20
+    assert few == many, f"{many - few} more synchronisations in 18 more steps: something in the step waits"
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
+def test_dbx_run_trains_on_cuda_in_every_precision(tmp_path, monkeypatch, amp):
+    from mlflow import MlflowClient
+
+    write_cifar10(tmp_path / "data", per_batch=64)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = tmp_path / "gpu.yaml"
+    spec.write_text(SPEC.format(root=tmp_path / "data", amp=amp, initial=32))
+    result = CliRunner().invoke(main, ["run", str(spec)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED"
+    assert "cuda" in run.data.tags["device"]
+    diversity = [m.value for m in client.get_metric_history(run.info.run_id, "diversity")]
+    assert diversity and all(0 < d < float("inf") for d in diversity), diversity
