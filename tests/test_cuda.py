@@ -1,6 +1,7 @@
 """What only a CUDA device can show: the estimator's numbers there, that a measuring step never
 waits for the device, and `dbx run` on a GPU in every precision. Skipped without CUDA; run them
 on a GPU machine with ``pytest tests/test_cuda.py`` (benchmarks/gpu_check.sh does, with the rest)."""
+import contextlib
 import copy
 import warnings
 
@@ -44,21 +45,37 @@ def test_exact_norms_on_cuda_match_the_cpu_with_cudnn_batchnorm(exact_float32, f
         torch.testing.assert_close(on_gpu.per_layer[path].cpu(), expected, rtol=1e-4, atol=1e-7, msg=path)
 
 
-def train_steps(model, estimator, batches, *, amp=None):
+@contextlib.contextmanager
+def no_synchronisation(enabled: bool = True):
+    """Any operation that waits for the device raises inside this block."""
+    torch.cuda.set_sync_debug_mode("error" if enabled else "default")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def train_steps(model, estimator, batches, *, amp=None, check: bool = False):
+    """Training steps with the estimator measuring; with ``check``, everything but the optimizer's
+    step must run without waiting for the device (the GradScaler's own step reads its overflow
+    flag, by design)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     for x, y in batches:
-        with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
-            out = model(x)
-        loss_scale = 1.0 / len(x)
-        if scaler is not None:
-            scale = scaler._get_scale_async()
-            loss_scale = loss_scale * (scale if scale is not None else torch.full((), scaler.get_scale(), device="cuda"))
-            scaler.scale(F.cross_entropy(out.float(), y, reduction="sum") / len(x)).backward()
-        else:
-            (F.cross_entropy(out.float(), y, reduction="sum") * loss_scale).backward()
-        estimator.on_backward(loss_scale)
-        estimator.on_step(loss_scale)
+        with no_synchronisation(check):
+            with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+                out = model(x)
+            loss = F.cross_entropy(out.float(), y, reduction="sum")
+            loss_scale = 1.0 / len(x)
+            if scaler is not None:
+                scale = scaler._get_scale_async()
+                grad_scale = scale if scale is not None else torch.full((), scaler.get_scale(), device="cuda")
+                scaler.scale(loss * loss_scale).backward()
+                loss_scale = loss_scale * grad_scale
+            else:
+                (loss * loss_scale).backward()
+            estimator.on_backward(loss_scale)
+            estimator.on_step(loss_scale)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
@@ -77,14 +94,11 @@ def test_measuring_steps_on_cuda_never_wait_for_the_device(amp):
     estimator.attach(model)
     train_steps(model, estimator, batches[:1], amp=amp)  # lazy initialisation may synchronise once
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        train_steps(model, estimator, batches[1:], amp=amp)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    train_steps(model, estimator, batches[1:], amp=amp, check=True)
     result = estimator.estimate(model, F.cross_entropy, None)
     estimator.detach()
-    assert result.samples == 128 or (amp == torch.float16 and result.samples % 32 == 0 and result.samples > 0)
+    # fp16: the GradScaler's first steps may overflow; the estimator leaves them out
+    assert result.samples == 128 or (amp == torch.float16 and 0 < result.samples < 128), result.samples
     assert 0 < result.value < float("inf")
 
 

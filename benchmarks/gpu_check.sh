@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The checks that need an NVIDIA GPU, in one pass of about five minutes: the CUDA tests
+# (tests/test_cuda.py and the loader's), the estimator benchmark on CUDA (with the per-layer form
+# timings that calibrate kernels.FUSED_ELEMENT_MACS["cuda"]) and the loader benchmark on CUDA.
+#
+#   OUT=gpu-results bash benchmarks/gpu_check.sh      # from the repository root, on a GPU machine
+#
+# It installs nothing into the machine's Python: dbx (for its entry points) and, on a machine that
+# cannot reach a package index, the wheels found in .whl/ go to a folder of their own on
+# PYTHONPATH. Every stage runs even if one before it failed; the exit status is the worst of them.
+set -u
+out=${OUT:-gpu-check}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+site=${DBX_GPU_SITE:-/tmp/dbx-gpu-site}
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+status=0
+
+stage() {  # stage NAME SECONDS COMMAND...: run, keep its output, remember a failure
+    local name=$1 seconds=$2
+    shift 2
+    echo "== $name" | tee -a "$out/summary.txt"
+    local start=$SECONDS
+    timeout "$seconds" "$@" >"$out/$name.txt" 2>&1
+    local rc=$?
+    tail -n 25 "$out/$name.txt"
+    echo "== $name: exit $rc in $((SECONDS - start)) s" | tee -a "$out/summary.txt"
+    [ "$rc" -ne 0 ] && status=1
+    return 0
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    $py -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+} >"$out/environment.txt" 2>&1
+cat "$out/environment.txt"
+
+mkdir -p "$site"
+if [ -d .whl ]; then
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
+        >"$out/install.txt" 2>&1 || { echo "installing .whl/ failed"; cat "$out/install.txt"; status=1; }
+fi
+$py -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
+    --target "$site" . >>"$out/install.txt" 2>&1 || { echo "installing dbx failed"; cat "$out/install.txt"; exit 1; }
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+
+stage tests 300 $py -m pytest -q -rs -p no:cacheprovider --durations=5 \
+    tests/test_cuda.py tests/test_data_loader.py tests/test_data_augment.py
+stage estimators 300 $py benchmarks/estimators.py --device cuda --models resnet18,mlp --batch-sizes 128,512 \
+    --methods plain,exact,vmap --steps 20 --other-steps 3 --forms --json "$out/estimators.json"
+stage loader 90 $py benchmarks/loader.py --device cuda --rotation 15 --batch-size 1024
+exit $status
