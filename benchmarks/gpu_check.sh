@@ -46,7 +46,7 @@ export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 
 stage tests 300 $py -m pytest -q -rs -p no:cacheprovider --durations=5 \
     tests/test_cuda.py tests/test_data_loader.py tests/test_data_augment.py
-stage estimators 300 $py benchmarks/estimators.py --device cuda --models resnet18,mlp --batch-sizes 128,512 \
+stage estimators 300 $py benchmarks/estimators.py --device cuda --models ${MODELS:-resnet18,mlp} --batch-sizes 128,512 \
     --methods plain,exact,vmap --steps 20 --other-steps 3 --forms --json "$out/estimators.json"
-stage loader 90 $py benchmarks/loader.py --device cuda --rotation 15 --batch-size 1024
+[ -n "${SKIP_LOADER:-}" ] || stage loader 90 $py benchmarks/loader.py --device cuda --rotation 15 --batch-size 1024
 exit $status

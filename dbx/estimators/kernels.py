@@ -523,6 +523,10 @@ def _batchnorm_sq_norms(module: nn.Module, ctxs: list, gs: list[Tensor], form: s
     return total
 
 
+#: device types whose batch-norm backward refused the per-sample layout
+_NO_FUSED_BN: set[str] = set()
+
+
 def _batchnorm_sample_grads(x: Tensor, y: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sample, per-channel gradients of BatchNorm's weight and bias: two (B, C) tensors.
 
@@ -534,11 +538,16 @@ def _batchnorm_sample_grads(x: Tensor, y: Tensor, mean: Tensor, invstd: Tensor) 
     n, c = y.shape[0], y.shape[1]
     x, y = _f32(x), _f32(y)
     mean, invstd = mean.to(y.dtype), invstd.to(y.dtype)
-    if x.dtype == y.dtype and x.is_contiguous() and y.is_contiguous():
-        _, w, b = torch.ops.aten.native_batch_norm_backward(
-            y.view(1, n * c, -1), x.view(1, n * c, -1), None, None, None, mean.repeat(n), invstd.repeat(n),
-            True, 0.0, [False, True, True])
-        return w.view(n, c), b.view(n, c)
+    if x.dtype == y.dtype and x.is_contiguous() and y.is_contiguous() and y.device.type not in _NO_FUSED_BN:
+        means, invstds = mean.repeat(n), invstd.repeat(n)
+        ones = torch.ones_like(means)  # kernels may want a weight and running statistics (unused here)
+        try:
+            _, w, b = torch.ops.aten.native_batch_norm_backward(
+                y.view(1, n * c, -1), x.view(1, n * c, -1), ones, means, ones, means, invstds, True, 0.0,
+                [False, True, True])
+            return w.view(n, c), b.view(n, c)
+        except (RuntimeError, NotImplementedError):  # a backend without it: the separate reductions
+            _NO_FUSED_BN.add(y.device.type)
     y3 = y.reshape(n, c, -1)
     b = y3.sum(-1)
     return (torch.linalg.vecdot(y3, x.reshape(n, c, -1)) - mean * b) * invstd, b
