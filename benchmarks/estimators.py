@@ -13,7 +13,8 @@ training step measured in the same run:
   mode for the backward as the DiveBatch authors did (extra ``bench``: ``pip install .[bench]``);
 - ``opacus``: Opacus' ``GradSampleModule`` (per-sample gradients stored), norms from them.
 
-It also reports the batch's gradient diversity from each method at the first step (same weights,
+Every method keeps the running sums an epoch's statistic needs (of the norms and of the gradient),
+as ``exact`` does. It also reports the batch's gradient diversity from each method at the first step (same weights,
 same batch): all must agree on the model without BatchNorm (the MLP); with BatchNorm the methods
 define "per-sample gradient" differently, and the table shows by how much they differ from dbx.
 
@@ -128,9 +129,19 @@ class Method:
         loss.backward()
 
     def finish(self, sq_norms=None):
-        if self.diversity is None and sq_norms is not None:  # per-sample norms of the unscaled losses
-            grad_sq = sum(p.grad.double().square().sum() for p in self.model.parameters() if p.grad is not None)
-            self.diversity = float(sq_norms.double().sum() / (grad_sq * self.batch ** 2))
+        """The optimizer step; for the other methods first what an epoch statistic needs beside the
+        per-sample norms, as ``exact`` does it: running sums of the norms and of the gradient."""
+        import torch
+
+        if sq_norms is not None:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if self.diversity is None:  # per-sample norms of the unscaled losses
+                grad_sq = sum(g.double().square().sum() for g in grads)
+                self.diversity = float(sq_norms.double().sum() / (grad_sq * self.batch ** 2))
+                self.sum_sq = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+                self.sum_grad = [torch.zeros_like(g, dtype=torch.float32) for g in grads]
+            self.sum_sq += sq_norms.sum()
+            torch._foreach_add_(self.sum_grad, grads, alpha=float(self.batch))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
