@@ -368,6 +368,20 @@ def test_a_module_called_twice_adds_its_gradients():
     assert_norms_match(ours, oracle)
 
 
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2),
+    nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(0, 1)), nn.Conv2d(4, 4, 3, padding="same", padding_mode="circular"),
+    nn.Conv2d(4, 6, 1, stride=2), nn.Conv1d(4, 6, 5, stride=3, padding=2)], ids=repr)
+def test_the_gpu_way_of_summing_kernel_taps_gives_the_same_norms(monkeypatch, conv):
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, *(9, 7)[:conv.weight.dim() - 2])
+    g = torch.randn_like(conv(x))
+    block_by_block = kernels._conv_ghost(conv, x, g)
+    monkeypatch.setattr(kernels, "TAPS_IN_ONE_REDUCTION", {x.device.type})
+    one_reduction = kernels._conv_ghost(conv, x, g)
+    torch.testing.assert_close(one_reduction, block_by_block, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("form", ["ghost", "explicit"])
 def test_splitting_the_batch_into_chunks_does_not_change_the_norms(monkeypatch, form):
     torch.manual_seed(0)

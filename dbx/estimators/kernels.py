@@ -46,6 +46,7 @@ with the device.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -338,24 +339,51 @@ def _conv_ghost(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
     x, pad = _conv_padding(module, x)
     spatial = tuple(x.shape[2:])
     pixels = math.prod(spatial)
-    blocks = _tap_blocks(spatial, pad, tuple(module.kernel_size), tuple(module.dilation), tuple(module.stride),
-                         out_spatial)
+    kernel, dilation, stride = tuple(module.kernel_size), tuple(module.dilation), tuple(module.stride)
+    blocks = _tap_blocks(spatial, pad, kernel, dilation, stride, out_spatial)
     parts = []
     for s, e in _chunks(n, c_in * pixels + groups * (pixels * pixels + 3 * positions * positions), x.device):
         b = e - s
         xs = _f32(x[s:e]).reshape(b * groups, cg, pixels)
         gram_x = torch.bmm(xs.mT, xs).view(b * groups, *spatial, *spatial)
-        gram_a = gram_x.new_zeros(b * groups, *out_spatial, *out_spatial)
-        for out_block, pixel_block in blocks:
-            gram_a[out_block].add_(gram_x[pixel_block])
+        if x.device.type in TAPS_IN_ONE_REDUCTION:
+            gram_a = _tapped_sum(gram_x, pad, kernel, dilation, stride, out_spatial)
+        else:
+            gram_a = gram_x.new_zeros(b * groups, *out_spatial, *out_spatial)
+            for out_block, pixel_block in blocks:
+                gram_a[out_block].add_(gram_x[pixel_block])
         gs = _f32(g[s:e]).reshape(b * groups, og, positions)
         gram_g = torch.bmm(gs.mT, gs)
         parts.append(torch.linalg.vecdot(gram_a.reshape(b * groups, -1), gram_g.flatten(1)).view(b, groups).sum(1))
     return _cat(parts, 0)
 
 
+#: Device types on which the k^2 tapped blocks of the pixel Gram are summed as one strided
+#: reduction over a zero-padded copy (one kernel launch, where launches are what a GPU step waits
+#: for) instead of block by block (a CPU runs the latter three times faster).
+TAPS_IN_ONE_REDUCTION = {"cuda"}
+
+
+def _tapped_sum(gram: Tensor, pad: tuple[int, ...], kernel: tuple[int, ...], dilation: tuple[int, ...],
+                stride: tuple[int, ...], out_spatial: tuple[int, ...]) -> Tensor:
+    """The patch Gram (N, *out, *out) from the pixel Gram (N, *spatial, *spatial): the k^2 tapped
+    blocks of its zero-padded copy, as one strided view summed over the taps."""
+    if any(pad):
+        gram = F.pad(gram, [p for p in reversed(pad) for _ in (0, 1)] * 2)
+    dims = len(kernel)
+    strides = gram.stride()
+    first, second = strides[1:1 + dims], strides[1 + dims:]
+    tap_strides = [d * (s1 + s2) for d, s1, s2 in zip(dilation, first, second, strict=True)]
+    out_strides = [st * s1 for st, s1 in zip(stride, first, strict=True)] + \
+                  [st * s2 for st, s2 in zip(stride, second, strict=True)]
+    taps = gram.as_strided((*kernel, gram.shape[0], *out_spatial, *out_spatial),
+                           (*tap_strides, strides[0], *out_strides), gram.storage_offset())
+    return taps.sum(tuple(range(dims)))
+
+
+@functools.lru_cache(maxsize=256)
 def _tap_blocks(spatial: tuple[int, ...], pad: tuple[int, ...], kernel: tuple[int, ...], dilation: tuple[int, ...],
-                stride: tuple[int, ...], out_spatial: tuple[int, ...]) -> list[tuple[tuple[slice, ...], ...]]:
+                stride: tuple[int, ...], out_spatial: tuple[int, ...]) -> tuple[tuple[tuple[slice, ...], ...], ...]:
     """Per kernel tap: (index into the patch Gram (N, *out, *out), index into the pixel Gram
     (N, *spatial, *spatial)) of the output positions whose tapped pixel is inside the image."""
     per_dim = []
@@ -373,7 +401,7 @@ def _tap_blocks(spatial: tuple[int, ...], pad: tuple[int, ...], kernel: tuple[in
     for choice in itertools.product(*per_dim):
         outs, pixels = tuple(c[0] for c in choice), tuple(c[1] for c in choice)
         blocks.append(((slice(None), *outs, *outs), (slice(None), *pixels, *pixels)))
-    return blocks
+    return tuple(blocks)
 
 
 def _conv_explicit(module: nn.Module, xs: list[Tensor], gs: list[Tensor], fused: list[bool]) -> Tensor:
@@ -541,7 +569,7 @@ def _batchnorm_sample_grads(x: Tensor, y: Tensor, mean: Tensor, invstd: Tensor) 
     x, y = _f32(x), _f32(y)
     mean, invstd = mean.to(y.dtype), invstd.to(y.dtype)
     if x.dtype == y.dtype and x.is_contiguous() and y.is_contiguous() and y.device.type not in _NO_FUSED_BN:
-        means, invstds = mean.repeat(n), invstd.repeat(n)
+        means, invstds = mean.expand(n, -1).reshape(-1), invstd.expand(n, -1).reshape(-1)
         ones = torch.ones_like(means)  # kernels may want a weight and running statistics (unused here)
         try:
             _, w, b = torch.ops.aten.native_batch_norm_backward(
