@@ -245,8 +245,10 @@ def test_ctrl_c_marks_the_run_killed_and_it_can_be_resumed(tmp_path):
     folder = tmp_path / "run"
     spec = write(folder, SLOW.replace("epochs: 6", "epochs: 3"))
     log = open(folder / "run.log", "w")
+    # a shell's background job inherits an ignored SIGINT (Python then keeps ignoring it): restore it
     process = subprocess.Popen([sys.executable, "-m", "dbx.cli", "run", str(spec), "--tracking-uri", store(folder)],
-                               stdout=log, stderr=subprocess.STDOUT)
+                               stdout=log, stderr=subprocess.STDOUT,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 600
     while not list(folder.glob("dbx-checkpoints/*/epoch-0001.ckpt")):
         assert process.poll() is None and time.monotonic() < deadline, (folder / "run.log").read_text()
