@@ -7,9 +7,12 @@ torch and mlflow are imported inside the commands that need them, so ``dbx --hel
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 import traceback
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import click
 
@@ -34,6 +37,25 @@ def _guarded(debug: bool, action: Callable[[], Any]) -> Any:
         return action()
     except (UserError, RunFailed) as exc:
         _fail(exc, debug)
+
+
+@contextlib.contextmanager
+def _sigterm_stops_like_ctrl_c() -> Iterator[None]:
+    """While training: SIGTERM (``kill``, a batch scheduler's pre-emption) stops the run as Ctrl-C
+    does, so it is marked KILLED with its checkpoints kept and ``dbx resume`` continues it, instead
+    of the process vanishing and leaving the MLflow run RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -77,14 +99,16 @@ def run(spec_path: str, overrides: tuple[str, ...], device: str | None, tracking
 
     The spec is checked completely (keys, types, plugin names and their parameters) before
     anything starts; then the run prints one line per epoch and the MLflow command to browse it.
-    Exit code 0 when the run finished, 1 when it failed, 2 when the input is wrong.
+    Exit code 0 when the run finished, 1 when it failed, 2 when the input is wrong, 130 when
+    Ctrl-C or SIGTERM stopped it (the run is marked KILLED; `dbx resume RUN_ID` continues it).
     """
     from dbx.runner import run_spec
 
     extra = [f"device={device}"] if device else []
-    code = _guarded(debug, lambda: run_spec(spec_path, [*overrides, *extra], tracking_uri=tracking_uri,
-                                            experiment=experiment, say=click.echo,
-                                            dry_run=dry_run))
+    with _sigterm_stops_like_ctrl_c():
+        code = _guarded(debug, lambda: run_spec(spec_path, [*overrides, *extra], tracking_uri=tracking_uri,
+                                                experiment=experiment, say=click.echo,
+                                                dry_run=dry_run))
     sys.exit(code or 0)
 
 
@@ -107,7 +131,8 @@ def resume(run_id: str, tracking_uri: str | None, device: str | None, debug: boo
     """
     from dbx.runner import resume_run
 
-    code = _guarded(debug, lambda: resume_run(run_id, tracking_uri=tracking_uri, device=device, say=click.echo))
+    with _sigterm_stops_like_ctrl_c():
+        code = _guarded(debug, lambda: resume_run(run_id, tracking_uri=tracking_uri, device=device, say=click.echo))
     sys.exit(code or 0)
 
 

@@ -241,7 +241,8 @@ def test_skip_step_fails_the_run_when_every_step_is_non_finite(tmp_path, monkeyp
     assert int(run.data.tags["dbx.failure.step"]) >= 1
 
 
-def test_ctrl_c_marks_the_run_killed_and_it_can_be_resumed(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_marks_the_run_killed_and_it_can_be_resumed(tmp_path, stop):
     folder = tmp_path / "run"
     spec = write(folder, SLOW.replace("epochs: 6", "epochs: 3"))
     log = open(folder / "run.log", "w")
@@ -253,7 +254,7 @@ def test_ctrl_c_marks_the_run_killed_and_it_can_be_resumed(tmp_path):
     while not list(folder.glob("dbx-checkpoints/*/epoch-0001.ckpt")):
         assert process.poll() is None and time.monotonic() < deadline, (folder / "run.log").read_text()
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     assert process.wait(timeout=120) == 130, (folder / "run.log").read_text()
     assert "marked KILLED" in (folder / "run.log").read_text()
     client, run = only_run(store(folder))
