@@ -123,6 +123,18 @@ def simulate_policy(policy: Any, *, epochs: int, dataset_size: int,
 # The parameter schema (the factory's keyword-only signature)
 # --------------------------------------------------------------------------------------------------
 
+def _require_protocol(obj: Any, name: str, protocol: type, methods: tuple[str, ...], subject: str,
+                      problems: list[str]) -> None:
+    """Stop with every problem so far if ``obj`` lacks one of the protocol's ``methods``; note it if
+    ``isinstance(obj, protocol)`` is false anyway (an attribute the protocol also names)."""
+    missing = [m for m in methods if not callable(getattr(obj, m, None))]
+    if missing:
+        problems.append(f"missing method(s) {', '.join(missing)} of dbx.protocols.{protocol.__name__}")
+        raise ContractError(subject, problems)
+    if not isinstance(obj, protocol):
+        problems.append(f"isinstance({name}, dbx.protocols.{protocol.__name__}) is false")
+
+
 def _schema_problems(kind: str, factory: Any, params: dict[str, Any]) -> list[str]:
     """What keeps ``factory``'s signature from serving as dbx's parameter schema, and bad ``params``."""
     if not callable(factory):
@@ -299,13 +311,8 @@ def check_policy(factory: Callable[..., Any], *, dataset_size: int = 50_000, par
     uses = getattr(policy, "uses_diversity", None)
     if not isinstance(uses, bool):
         problems.append(f"uses_diversity must be a bool class attribute, got {uses!r}")
-    missing = [m for m in ("initial_batch_size", "measures_in", "next_batch_size", "state_dict", "load_state_dict")
-               if not callable(getattr(policy, m, None))]
-    if missing:
-        problems.append(f"missing method(s) {', '.join(missing)} of dbx.protocols.BatchSizePolicy")
-        raise ContractError(subject, problems)
-    if not isinstance(policy, BatchSizePolicy):
-        problems.append("isinstance(policy, dbx.protocols.BatchSizePolicy) is false")
+    _require_protocol(policy, "policy", BatchSizePolicy, ("initial_batch_size", "measures_in", "next_batch_size",
+                                                          "state_dict", "load_state_dict"), subject, problems)
     low, high = bounds if bounds is not None else (1, None)
 
     def in_bounds(value: Any, what: str) -> bool:
@@ -483,13 +490,8 @@ def check_estimator(factory: Callable[..., Any], *, params: dict[str, Any] | Non
     estimator = _construct("estimator", factory, params, {"seed": seed}, problems)
     if estimator is None:
         raise ContractError(subject, problems)
-    missing = [m for m in ("attach", "on_backward", "on_step", "estimate", "detach")
-               if not callable(getattr(estimator, m, None))]
-    if missing:
-        problems.append(f"missing method(s) {', '.join(missing)} of dbx.protocols.DiversityEstimator")
-        raise ContractError(subject, problems)
-    if not isinstance(estimator, DiversityEstimator):
-        problems.append("isinstance(estimator, dbx.protocols.DiversityEstimator) is false")
+    _require_protocol(estimator, "estimator", DiversityEstimator, ("attach", "on_backward", "on_step", "estimate", "detach"),
+                      subject, problems)
 
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

@@ -282,35 +282,21 @@ def sequence_model(draw):
 # -- the tests ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dims", [1, 2], ids=["conv1d", "conv2d"])
 @SETTINGS
-@given(case=conv_model(dims=2, allow_bn=False), form=FORMS)
-def test_conv2d_models_match_torch_func(case, form):
-    model, x, y = case
+@given(data=st.data(), form=FORMS)
+def test_conv_models_match_torch_func(dims, data, form):
+    model, x, y = data.draw(conv_model(dims=dims, allow_bn=False))
     ours = per_sample_sq_norms(model, F.cross_entropy, x, y, form=form)
     assert_norms_match(ours, func_oracle(model, x, y), natural_scale(model, x, y))
 
 
+@pytest.mark.parametrize("dims", [1, 2], ids=["conv1d", "conv2d"])
 @SETTINGS
-@given(case=conv_model(dims=1, allow_bn=False), form=FORMS)
-def test_conv1d_models_match_torch_func(case, form):
-    model, x, y = case
-    ours = per_sample_sq_norms(model, F.cross_entropy, x, y, form=form)
-    assert_norms_match(ours, func_oracle(model, x, y), natural_scale(model, x, y))
-
-
-@SETTINGS
-@given(case=conv_model(dims=2, allow_bn=True), form=FORMS)
-def test_conv2d_models_with_batchnorm_match_the_rows_of_the_batch_gradient(case, form):
-    model, x, y = case
+@given(data=st.data(), form=FORMS)
+def test_conv_models_with_batchnorm_match_the_rows_of_the_batch_gradient(dims, data, form):
+    model, x, y = data.draw(conv_model(dims=dims, allow_bn=True))
     model.train()
-    ours = per_sample_sq_norms(model, F.cross_entropy, x, y, form=form)
-    assert_norms_match(ours, rows_oracle(model, x, y), natural_scale(model, x, y))
-
-
-@SETTINGS
-@given(case=conv_model(dims=1, allow_bn=True), form=FORMS)
-def test_conv1d_models_with_batchnorm_match_the_rows_of_the_batch_gradient(case, form):
-    model, x, y = case
     ours = per_sample_sq_norms(model, F.cross_entropy, x, y, form=form)
     assert_norms_match(ours, rows_oracle(model, x, y), natural_scale(model, x, y))
 

@@ -340,13 +340,16 @@ def _conv_ghost(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
     spatial = tuple(x.shape[2:])
     pixels = math.prod(spatial)
     kernel, dilation, stride = tuple(module.kernel_size), tuple(module.dilation), tuple(module.stride)
-    blocks = _tap_blocks(spatial, pad, kernel, dilation, stride, out_spatial)
+    one_reduction = x.device.type in TAPS_IN_ONE_REDUCTION
+    blocks = None if one_reduction else _tap_blocks(spatial, pad, kernel, dilation, stride, out_spatial)
+    grams = pixels * pixels + (math.prod(s + 2 * p for s, p in zip(spatial, pad, strict=True)) ** 2
+                               if one_reduction else 0)  # the padded copy, when the taps are one reduction
     parts = []
-    for s, e in _chunks(n, c_in * pixels + groups * (pixels * pixels + 3 * positions * positions), x.device):
+    for s, e in _chunks(n, c_in * pixels + groups * (grams + 3 * positions * positions), x.device):
         b = e - s
         xs = _f32(x[s:e]).reshape(b * groups, cg, pixels)
         gram_x = torch.bmm(xs.mT, xs).view(b * groups, *spatial, *spatial)
-        if x.device.type in TAPS_IN_ONE_REDUCTION:
+        if blocks is None:
             gram_a = _tapped_sum(gram_x, pad, kernel, dilation, stride, out_spatial)
         else:
             gram_a = gram_x.new_zeros(b * groups, *out_spatial, *out_spatial)
