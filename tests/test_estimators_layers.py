@@ -368,6 +368,17 @@ def test_the_gpu_way_of_summing_kernel_taps_gives_the_same_norms(monkeypatch, co
     torch.testing.assert_close(one_reduction, block_by_block, rtol=1e-5, atol=1e-6)
 
 
+def test_batchnorm_terms_without_the_fused_backward_are_the_same(monkeypatch):
+    # the path taken on a backend whose batch-norm backward refuses the per-sample layout
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 25, 3))
+    x, y = torch.randn(7, 3, 7, 7), torch.randint(0, 3, (7,))
+    fused = per_sample_sq_norms(model, F.cross_entropy, x, y)
+    monkeypatch.setattr(kernels, "_NO_FUSED_BN", {x.device.type})
+    separate = per_sample_sq_norms(model, F.cross_entropy, x, y)
+    assert_norms_match(separate, {path: norms.double() for path, norms in fused.per_layer.items()})
+
+
 @pytest.mark.parametrize("form", ["ghost", "explicit"])
 def test_splitting_the_batch_into_chunks_does_not_change_the_norms(monkeypatch, form):
     torch.manual_seed(0)

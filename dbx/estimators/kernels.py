@@ -73,7 +73,9 @@ def _sq(x: Tensor, dim: int | tuple[int, ...]) -> Tensor:
 
     Not ``linalg.vector_norm``: on CPU it accumulates naively and loses about 1e-4 (relative) over
     a million elements. ``vecdot(x, x)`` over trailing dimensions reduces with the same cascade as
-    ``sum`` in one pass (3x faster than ``square().sum()`` on CPU); other dimensions use the latter.
+    ``sum`` without ``square()``'s temporary the size of ``x`` (per-sample gradients can be large);
+    about as fast in a warm loop (``benchmarks/estimator_kernels.py``). Other dimensions use
+    ``square().sum()``.
     """
     x = _f32(x)
     dims = sorted(d % x.dim() for d in ((dim,) if isinstance(dim, int) else dim))

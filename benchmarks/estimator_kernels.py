@@ -1,0 +1,128 @@
+"""The choices inside dbx's ``exact`` kernels, each timed against its alternative in one run.
+
+Each line times two ways of computing the same thing on CIFAR ResNet-18 shapes at B = 128, in
+turn (best of several calls each), and prints the ratio:
+
+- BatchNorm per-sample terms: the framework's fused batch-norm backward on the (1, B*C, HW)
+  layout against separate reductions (vecdot and sum);
+- squared norms of per-sample gradients: ``vecdot(x, x)`` against ``square().sum()``;
+- the Gram form's kernel taps: added block by block against one strided reduction;
+- the explicit form's chunk size on CPU: 1M against 4M scratch elements, as the extra cost over
+  the batch weight gradient it replaces.
+
+    python benchmarks/estimator_kernels.py                  # CPU, 1 thread
+    python benchmarks/estimator_kernels.py --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dbx.estimators import kernels as K  # noqa: E402
+
+
+def best_of(fn: Callable[[], object], device: str, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def line(what: str, chosen: float, other: float, names: tuple[str, str]) -> None:
+    print(f"  {what:<44} {names[0]} {chosen * 1e3:8.2f} ms   {names[1]} {other * 1e3:8.2f} ms   "
+          f"{other / chosen:5.2f}x")
+
+
+def batchnorm(device: str) -> None:
+    x = torch.randn(128, 64, 32, 32, device=device)
+    y = torch.randn_like(x)
+    mean, invstd = x.mean((0, 2, 3)), x.var((0, 2, 3)).add(1e-5).rsqrt()
+    fused = best_of(lambda: K._batchnorm_sample_grads(x, y, mean, invstd), device)
+    K._NO_FUSED_BN.add(x.device.type)
+    try:
+        separate = best_of(lambda: K._batchnorm_sample_grads(x, y, mean, invstd), device)
+    finally:
+        K._NO_FUSED_BN.discard(x.device.type)
+    line("BatchNorm terms, 128x64x32x32", fused, separate, ("fused bn backward", "separate reductions"))
+
+
+def squared_norms(device: str) -> None:
+    p = torch.randn(28, 147456, device=device)
+    line("squared norms, 28 x 147456", best_of(lambda: K._sq(p, 1), device),
+         best_of(lambda: p.square().sum(1), device), ("vecdot", "square().sum()"))
+
+
+def taps(device: str) -> None:
+    for c, hw in ((256, 8), (128, 16)):
+        conv = nn.Conv2d(c, c, 3, padding=1, bias=False).to(device)
+        x = torch.randn(128, c, hw, hw, device=device)
+        g = torch.randn(128, c, hw, hw, device=device)
+        saved = set(K.TAPS_IN_ONE_REDUCTION)
+        try:
+            K.TAPS_IN_ONE_REDUCTION.discard(x.device.type)
+            blocks = best_of(partial(K._conv_ghost, conv, x, g), device)
+            K.TAPS_IN_ONE_REDUCTION.add(x.device.type)
+            reduction = best_of(partial(K._conv_ghost, conv, x, g), device)
+        finally:
+            K.TAPS_IN_ONE_REDUCTION.clear()
+            K.TAPS_IN_ONE_REDUCTION.update(saved)
+        chosen, other = (reduction, blocks) if x.device.type in saved else (blocks, reduction)
+        names = ("one reduction", "block by block") if x.device.type in saved else ("block by block", "one reduction")
+        line(f"Gram form taps, {c}->{c} at {hw} px", chosen, other, names)
+
+
+def chunks(device: str) -> None:
+    conv = nn.Conv2d(128, 128, 3, padding=1, bias=False).to(device)
+    x = torch.randn(128, 128, 16, 16, device=device)
+    g = torch.randn(128, 128, 16, 16, device=device)
+    batch = best_of(lambda: torch.nn.grad.conv2d_weight(x, conv.weight.shape, g, padding=1), device)
+    saved = K.CHUNK_ELEMENTS.get(x.device.type)
+    extra = {}
+    try:
+        for size in (1 << 20, 1 << 22):
+            K.CHUNK_ELEMENTS[x.device.type] = size
+            extra[size] = best_of(lambda: K._conv_explicit(conv, [x], [g], [False]), device) - batch
+    finally:
+        if saved is None:
+            K.CHUNK_ELEMENTS.pop(x.device.type, None)
+        else:
+            K.CHUNK_ELEMENTS[x.device.type] = saved
+    line("explicit form over the batch gradient, 128->128", extra[1 << 20], extra[1 << 22], ("1M chunks", "4M chunks"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU; 0 = torch's default")
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"# exact's kernel choices, {args.device}, torch {torch.__version__}: dbx's choice first, "
+          f"then the alternative, and how many times slower the alternative is")
+    batchnorm(args.device)
+    squared_norms(args.device)
+    taps(args.device)
+    if args.device == "cpu":
+        chunks(args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
