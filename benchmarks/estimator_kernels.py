@@ -5,7 +5,8 @@ turn (best of several calls each), and prints the ratio:
 
 - BatchNorm per-sample terms: the framework's fused batch-norm backward on the (1, B*C, HW)
   layout against separate reductions (vecdot and sum);
-- squared norms of per-sample gradients: ``vecdot(x, x)`` against ``square().sum()``;
+- squared norms of per-sample gradients: 2-norms of 1024-element blocks against ``vecdot(x, x)``
+  (and the relative error of each, and of one unblocked ``vector_norm``, on all-equal entries);
 - the Gram form's kernel taps: added block by block against one strided reduction;
 - the explicit form's chunk size on CPU: 1M against 4M scratch elements, as the extra cost over
   the batch weight gradient it replaces.
@@ -65,7 +66,16 @@ def batchnorm(device: str) -> None:
 def squared_norms(device: str) -> None:
     p = torch.randn(28, 147456, device=device)
     line("squared norms, 28 x 147456", best_of(lambda: K._sq(p, 1), device),
-         best_of(lambda: p.square().sum(1), device), ("vecdot", "square().sum()"))
+         best_of(lambda: torch.linalg.vecdot(p, p), device), ("blocked norms", "vecdot"))
+    same = torch.full((4, 1 << 18), 0.3, device=device)
+    exact = same.double().square().sum(1)
+
+    def error(values: torch.Tensor) -> float:
+        return ((values.double() - exact).abs() / exact).max().item()
+
+    print(f"  {'relative error, 4 x 256K entries all 0.3':<44} blocked norms {error(K._sq(same, 1)):.1e}   "
+          f"vecdot {error(torch.linalg.vecdot(same, same)):.1e}   "
+          f"one vector_norm {error(torch.linalg.vector_norm(same, dim=1).square()):.1e}")
 
 
 def taps(device: str) -> None:

@@ -379,6 +379,15 @@ def test_batchnorm_terms_without_the_fused_backward_are_the_same(monkeypatch):
     assert_norms_match(separate, {path: norms.double() for path, norms in fused.per_layer.items()})
 
 
+@pytest.mark.parametrize("size", [300, 5000, 1 << 18], ids=lambda n: f"{n} entries")
+def test_squared_norms_of_long_rows_stay_accurate(size):
+    # all-equal entries are the worst case for a naive float32 sum (2e-4 off at 256K entries)
+    rows = torch.cat([torch.full((1, size), 0.3), torch.randn(2, size)])
+    exact = rows.double().square().sum(1)
+    torch.testing.assert_close(kernels._sq(rows, 1).double(), exact, rtol=2e-6, atol=0)
+    torch.testing.assert_close(kernels._sq(rows.view(3, 1, size), (1, 2)).double(), exact, rtol=2e-6, atol=0)
+
+
 @pytest.mark.parametrize("form", ["ghost", "explicit"])
 def test_splitting_the_batch_into_chunks_does_not_change_the_norms(monkeypatch, form):
     torch.manual_seed(0)
