@@ -312,21 +312,35 @@ def conv_forms_cost(module: nn.Module, in_spatial: Sequence[int],
                     out_spatial: Sequence[int] | None = None, device_type: str = "cpu") -> dict[str, int]:
     """Multiply-adds per sample of the forms for one call of a Conv1d/Conv2d.
 
-    ghost: the Gram matrix of the input pixels, X^T X (Np^2 C/G per group), whose k^2 shifted
-    blocks add up to the Gram matrix of the input patches (T^2 k^2), and the output gradients' Gram
-    matrix (T^2 O/G); explicit: the per-sample weight gradient (T C/G k^2 O/G per group);
-    explicit_fused: what the explicit form adds to the step when it also supplies the batch weight
-    gradient (``FUSED_ELEMENT_MACS`` per per-sample gradient element).
+    ghost: the Gram matrices of the input pixels of each stride phase, X^T X (Np^2 C/G per group
+    and phase), whose shifted blocks add up to the Gram matrix of the input patches (T^2 k^2), and
+    the output gradients' Gram matrix (T^2 O/G); explicit: the per-sample weight gradient
+    (T C/G k^2 O/G per group); explicit_fused: what the explicit form adds to the step when it
+    also supplies the batch weight gradient (``FUSED_ELEMENT_MACS`` per per-sample gradient element).
     """
-    out_spatial = out_spatial or _conv_out_spatial(module, in_spatial)
+    out_spatial = tuple(out_spatial or _conv_out_spatial(module, in_spatial))
     groups = module.groups
     cg, og = module.in_channels // groups, module.out_channels // groups
-    pixels, positions, taps = math.prod(in_spatial), math.prod(out_spatial), math.prod(module.kernel_size)
+    positions, taps = math.prod(out_spatial), math.prod(module.kernel_size)
+    spatial, pad = _padded_geometry(module, tuple(in_spatial))
+    phases = _phases(spatial, pad, tuple(module.kernel_size), tuple(module.dilation), tuple(module.stride),
+                     out_spatial)
+    pixel_grams = sum(math.prod(phase.spatial) ** 2 for phase in phases)
     return {
-        "ghost": groups * (pixels * pixels * cg + positions * positions * (og + taps)),
+        "ghost": groups * (pixel_grams * cg + positions * positions * (og + taps)),
         "explicit": groups * positions * cg * taps * og,
         "explicit_fused": groups * cg * taps * og * FUSED_ELEMENT_MACS.get(device_type, 64),
     }
+
+
+def _padded_geometry(module: nn.Module, in_spatial: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The spatial size after ``_conv_padding`` and the zero padding left to the kernels."""
+    dims = len(in_spatial)
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        pads = module._reversed_padding_repeated_twice
+        grown = tuple(n + pads[2 * (dims - 1 - d)] + pads[2 * (dims - 1 - d) + 1] for d, n in enumerate(in_spatial))
+        return grown, (0,) * dims
+    return in_spatial, tuple(module.padding)
 
 
 def _conv_plan(module: nn.Module, x: Tensor, form: str, fused: bool = False) -> str:
@@ -338,14 +352,64 @@ def _conv_plan(module: nn.Module, x: Tensor, form: str, fused: bool = False) -> 
     return "ghost" if costs["ghost"] <= explicit else "explicit"
 
 
+@dataclass(frozen=True)
+class _Phase:
+    """The input pixels of one stride phase and the kernel taps that read them.
+
+    Per spatial dimension, pixel ``start + stride * q`` of the (unpadded) input is pixel ``q`` of
+    the phase, and a tap with offset ``o`` reads phase pixel ``out + o`` for output position
+    ``out``. ``blocks``: per tap, (index into the patch Gram (N, *out, *out), index into the
+    phase's pixel Gram (N, *spatial, *spatial)) of the output positions whose pixel is inside.
+    """
+
+    pixels: tuple[slice, ...]
+    spatial: tuple[int, ...]
+    offsets: tuple[tuple[int, ...], ...]
+    blocks: tuple[tuple[tuple[slice, ...], tuple[slice, ...]], ...]
+
+
+@functools.lru_cache(maxsize=256)
+def _phases(spatial: tuple[int, ...], pad: tuple[int, ...], kernel: tuple[int, ...], dilation: tuple[int, ...],
+            stride: tuple[int, ...], out_spatial: tuple[int, ...]) -> tuple[_Phase, ...]:
+    """The stride phases of a convolution's input that some tap reads (one when the stride is 1).
+
+    Output position ``out`` reads pixel ``out * stride + tap * dilation - pad``: with stride s a
+    tap only ever reads pixels of one residue modulo s, so two patches share pixels only within a
+    phase, and the Gram matrices of the phases' pixels (s^2 times less work than all pixels'
+    Gram for a 2-d stride of 2) are all the Gram form needs.
+    """
+    per_dim = []
+    for size, p, k, d, st, m in zip(spatial, pad, kernel, dilation, stride, out_spatial, strict=True):
+        by_residue: dict[int, list[int]] = {}
+        for tap in range(k):
+            offset = tap * d - p
+            by_residue.setdefault(offset % st, []).append(offset // st)
+        options = []
+        for residue, offsets in sorted(by_residue.items()):
+            n = len(range(residue, size, st))
+            taps = [(slice(max(0, -o), min(m, n - o)), slice(max(0, -o) + o, min(m, n - o) + o)) for o in offsets]
+            taps = [t for t in taps if t[0].start < t[0].stop]
+            if taps:
+                options.append((slice(residue, None, st), n, tuple(offsets), taps))
+        per_dim.append(options)
+    phases = []
+    for choice in itertools.product(*per_dim):
+        blocks = tuple(((slice(None), *outs, *outs), (slice(None), *pixels, *pixels))
+                       for outs, pixels in (zip(*taps, strict=True) for taps in itertools.product(*(c[3] for c in choice))))
+        phases.append(_Phase(tuple(c[0] for c in choice), tuple(c[1] for c in choice),
+                             tuple(c[2] for c in choice), blocks))
+    return tuple(phases)
+
+
 def _conv_ghost(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
     """Squared norms of the per-sample weight gradients of one call, from Gram matrices.
 
     (a_t . a_s) over input patches t, s is the sum over kernel taps of the pixel Gram X^T X at the
     tapped pixels: no unfolding, and k^2 times less work than the Gram matrix of the patches. The
-    Gram matrix is taken over the unpadded pixels only (a padding pixel is zero, and so are its
-    products): on small feature maps padding is most of the pixels. Each tap adds the block of
-    output positions whose tapped pixels lie inside the image.
+    Gram matrices are taken over the unpadded pixels only (a padding pixel is zero, and so are its
+    products: on small feature maps padding is most of the pixels) and, for strided convolutions,
+    per stride phase (``_phases``). Each tap adds the block of output positions whose tapped
+    pixels lie inside the image.
     """
     n, groups = x.shape[0], module.groups
     c_in, c_out = module.in_channels, module.out_channels
@@ -353,74 +417,58 @@ def _conv_ghost(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
     out_spatial = tuple(g.shape[2:])
     positions = math.prod(out_spatial)
     x, pad = _conv_padding(module, x)
-    spatial = tuple(x.shape[2:])
-    pixels = math.prod(spatial)
     kernel, dilation, stride = tuple(module.kernel_size), tuple(module.dilation), tuple(module.stride)
+    phases = _phases(tuple(x.shape[2:]), pad, kernel, dilation, stride, out_spatial)
     one_reduction = x.device.type in TAPS_IN_ONE_REDUCTION
-    blocks = None if one_reduction else _tap_blocks(spatial, pad, kernel, dilation, stride, out_spatial)
-    grams = pixels * pixels + (math.prod(s + 2 * p for s, p in zip(spatial, pad, strict=True)) ** 2
-                               if one_reduction else 0)  # the padded copy, when the taps are one reduction
+    # the largest phase Gram, and its padded copy when the taps are one reduction
+    gram = max((math.prod(p.spatial) ** 2 * (4 if one_reduction else 1) for p in phases), default=0)
     parts = []
-    for s, e in _chunks(n, c_in * pixels + groups * (grams + 3 * positions * positions), x.device):
+    for s, e in _chunks(n, c_in * x[0, 0].numel() + groups * (gram + 3 * positions * positions), x.device):
         b = e - s
-        xs = _f32(x[s:e]).reshape(b * groups, cg, pixels)
-        gram_x = torch.bmm(xs.mT, xs).view(b * groups, *spatial, *spatial)
-        if blocks is None:
-            gram_a = _tapped_sum(gram_x, pad, kernel, dilation, stride, out_spatial)
-        else:
-            gram_a = gram_x.new_zeros(b * groups, *out_spatial, *out_spatial)
-            for out_block, pixel_block in blocks:
-                gram_a[out_block].add_(gram_x[pixel_block])
+        gram_a = None if one_reduction else x.new_zeros(b * groups, *out_spatial, *out_spatial, dtype=_acc(x))
+        for phase in phases:
+            pixels = _f32(x[(slice(s, e), slice(None), *phase.pixels)]).reshape(b * groups, cg, -1)
+            gram_x = torch.bmm(pixels.mT, pixels).view(b * groups, *phase.spatial, *phase.spatial)
+            if one_reduction:
+                taps = _tapped_sum(gram_x, phase.offsets, out_spatial)
+                gram_a = taps if gram_a is None else gram_a.add_(taps)
+            else:
+                for out_block, pixel_block in phase.blocks:
+                    gram_a[out_block].add_(gram_x[pixel_block])
         gs = _f32(g[s:e]).reshape(b * groups, og, positions)
         gram_g = torch.bmm(gs.mT, gs)
+        if gram_a is None:  # no tap reads a pixel of the input
+            parts.append(gs.new_zeros(b))
+            continue
         parts.append(torch.linalg.vecdot(gram_a.reshape(b * groups, -1), gram_g.flatten(1)).view(b, groups).sum(1))
     return _cat(parts, 0)
 
 
-#: Device types on which the k^2 tapped blocks of the pixel Gram are summed as one strided
-#: reduction over a zero-padded copy (one kernel launch, where launches are what a GPU step waits
-#: for) instead of block by block (a CPU runs the latter three times faster).
+#: Device types on which the tapped blocks of a pixel Gram are summed as one strided reduction over
+#: a zero-padded copy (one kernel launch, where launches are what a GPU step waits for) instead of
+#: block by block (a CPU runs the latter three times faster).
 TAPS_IN_ONE_REDUCTION = {"cuda"}
 
 
-def _tapped_sum(gram: Tensor, pad: tuple[int, ...], kernel: tuple[int, ...], dilation: tuple[int, ...],
-                stride: tuple[int, ...], out_spatial: tuple[int, ...]) -> Tensor:
-    """The patch Gram (N, *out, *out) from the pixel Gram (N, *spatial, *spatial): the k^2 tapped
-    blocks of its zero-padded copy, as one strided view summed over the taps."""
-    if any(pad):
-        gram = F.pad(gram, [p for p in reversed(pad) for _ in (0, 1)] * 2)
-    dims = len(kernel)
+def _tapped_sum(gram: Tensor, offsets: tuple[tuple[int, ...], ...], out_spatial: tuple[int, ...]) -> Tensor:
+    """The patch Gram (N, *out, *out) of one phase from its pixel Gram (N, *spatial, *spatial):
+    the tapped blocks of a zero-padded copy, as one strided view summed over the taps (per
+    dimension the offsets are evenly spaced)."""
+    dims = len(offsets)
+    spatial = gram.shape[1:1 + dims]
+    low = [max(0, -o[0]) for o in offsets]
+    high = [max(0, m - 1 + o[-1] - (size - 1)) for o, m, size in zip(offsets, out_spatial, spatial, strict=True)]
+    if any(low) or any(high):
+        gram = F.pad(gram, [v for d in reversed(range(dims)) for v in (low[d], high[d])] * 2)
     strides = gram.stride()
     first, second = strides[1:1 + dims], strides[1 + dims:]
-    tap_strides = [d * (s1 + s2) for d, s1, s2 in zip(dilation, first, second, strict=True)]
-    out_strides = [st * s1 for st, s1 in zip(stride, first, strict=True)] + \
-                  [st * s2 for st, s2 in zip(stride, second, strict=True)]
-    taps = gram.as_strided((*kernel, gram.shape[0], *out_spatial, *out_spatial),
-                           (*tap_strides, strides[0], *out_strides), gram.storage_offset())
+    steps = [o[1] - o[0] if len(o) > 1 else 1 for o in offsets]
+    start = gram.storage_offset() + sum((o[0] + lo) * (s1 + s2) for o, lo, s1, s2 in
+                                        zip(offsets, low, first, second, strict=True))
+    taps = gram.as_strided((*(len(o) for o in offsets), gram.shape[0], *out_spatial, *out_spatial),
+                           (*(st * (s1 + s2) for st, s1, s2 in zip(steps, first, second, strict=True)),
+                            strides[0], *first, *second), start)
     return taps.sum(tuple(range(dims)))
-
-
-@functools.lru_cache(maxsize=256)
-def _tap_blocks(spatial: tuple[int, ...], pad: tuple[int, ...], kernel: tuple[int, ...], dilation: tuple[int, ...],
-                stride: tuple[int, ...], out_spatial: tuple[int, ...]) -> tuple[tuple[tuple[slice, ...], ...], ...]:
-    """Per kernel tap: (index into the patch Gram (N, *out, *out), index into the pixel Gram
-    (N, *spatial, *spatial)) of the output positions whose tapped pixel is inside the image."""
-    per_dim = []
-    for size, p, k, d, st, m in zip(spatial, pad, kernel, dilation, stride, out_spatial, strict=True):
-        options = []
-        for tap in range(k):
-            offset = tap * d - p  # pixel = o * st + offset
-            lo = max(0, -(offset // st) if offset < 0 else 0)
-            hi = min(m, (size - 1 - offset) // st + 1) if size - 1 - offset >= 0 else 0
-            if lo < hi:
-                start = lo * st + offset
-                options.append((slice(lo, hi), slice(start, start + st * (hi - lo - 1) + 1, st)))
-        per_dim.append(options)
-    blocks = []
-    for choice in itertools.product(*per_dim):
-        outs, pixels = tuple(c[0] for c in choice), tuple(c[1] for c in choice)
-        blocks.append(((slice(None), *outs, *outs), (slice(None), *pixels, *pixels)))
-    return tuple(blocks)
 
 
 def _conv_explicit(module: nn.Module, xs: list[Tensor], gs: list[Tensor], fused: list[bool]) -> Tensor:
