@@ -631,6 +631,35 @@ def test_fused_weight_gradients_leave_training_unchanged():
     assert results["fused"][1] == pytest.approx(results["plain"][1], rel=1e-5)
 
 
+def test_a_first_layer_without_bias_is_fused_and_an_in_place_activation_after_it_still_works():
+    # its input needs no gradient and its weight is detached: only the hooks keep it on the backward path
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.ReLU(inplace=True), nn.Flatten(),
+                         nn.Linear(16 * 8 * 8, 4))
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 4, (6,))
+    results = {}
+    for name, estimator in (("none", None), ("fused", ExactEstimator()), ("plain", ExactEstimator(fuse_weight_grads=False))):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        first_output = []
+        if estimator:
+            estimator.attach(model)
+        model[0].register_forward_hook(lambda module, args, output: first_output.append(output.grad_fn))
+        for _ in range(2):
+            (F.cross_entropy(model(x), y, reduction="sum") / 6).backward()
+            if estimator:
+                estimator.on_backward(1 / 6)
+                estimator.on_step(1 / 6)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        results[name] = (model.state_dict(), estimator.estimate(model, F.cross_entropy, None).value if estimator else None)
+        fused = type(first_output[0]).__name__ == "_ReachBackward"
+        assert fused == (name == "fused"), name
+    for key, expected in results["none"][0].items():
+        torch.testing.assert_close(results["fused"][0][key], expected, rtol=1e-5, atol=1e-6, msg=key)
+    assert results["fused"][1] == pytest.approx(results["plain"][1], rel=1e-5)
+
+
 def test_a_detached_weight_is_restored_even_when_the_forward_fails():
     conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
     model = nn.Sequential(conv)

@@ -119,6 +119,27 @@ def ownership(model: nn.Module, include: Sequence[str] | None, exclude: Sequence
     return Ownership(covered, uncovered, shared, shared_ids)
 
 
+class _Reach(torch.autograd.Function):
+    """Identity, in place, that puts a tensor computed without gradients on the backward path.
+
+    A fused call whose input needs no gradient and whose only parameter is the detached weight
+    (a model's first convolution, bias-free) produces an output outside autograd's graph; its
+    output gradient, which the kernel needs, would never be computed. Applied to that output with
+    a gradient-requiring ``anchor``, this makes the output itself (same tensor, so in-place
+    activations after it still work) a node whose gradient autograd computes and discards: the
+    anchor gets none.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor, anchor: Tensor) -> Tensor:
+        ctx.mark_dirty(output)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
 def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
     for value in list(args) + list(kwargs.values()):
         if isinstance(value, Tensor):
@@ -162,6 +183,7 @@ class NormHooks:
         self._filled = 0
         self._touched: list[Layer] = []
         self._handles: list[Any] = []
+        self._anchor = torch.zeros((), requires_grad=True)  # see ``_Reach``
 
     # -- lifecycle ---------------------------------------------------------------------------
     def attach(self) -> None:
@@ -215,8 +237,9 @@ class NormHooks:
     def _fuse_pre_hook(self, layer: Layer, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Run this call with the weight detached when the kernel will supply its gradient.
 
-        Only for calls in the explicit form (the per-sample gradients are computed anyway), and
-        only when the output still reaches the backward (its input or bias needs a gradient).
+        Only for calls in the explicit form (the per-sample gradients are computed anyway). When
+        nothing else of the call needs a gradient (a model's first layer without bias), the forward
+        hook puts the output back on the backward path (``_Reach``).
         """
         if layer.detached is not None:  # a previous call raised before its forward hook ran
             module._parameters["weight"] = layer.detached
@@ -225,8 +248,6 @@ class NormHooks:
             return
         x = args[0] if args else next(iter(kwargs.values()), None)
         if not isinstance(x, Tensor) or x.dim() == 0:
-            return
-        if not (x.requires_grad or K._trainable(module, "bias")):
             return
         if layer.kernel.plan(module, x, self.form, fused=True) != "explicit":
             return
@@ -239,6 +260,8 @@ class NormHooks:
         if fused:  # the Parameter goes back at once; this call's weight gradient comes from the kernel
             module._parameters["weight"] = layer.detached
             layer.detached = None
+            if isinstance(output, Tensor) and not output.requires_grad and output.is_floating_point():
+                _Reach.apply(output, self._anchor)  # in place: ``output`` itself now reaches the backward
         if (not (self.enabled and torch.is_grad_enabled()) or not isinstance(output, Tensor)
                 or not output.requires_grad or _transforms_active()):
             return
