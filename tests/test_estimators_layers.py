@@ -644,7 +644,7 @@ def test_a_first_layer_without_bias_is_fused_and_an_in_place_activation_after_it
         first_output = []
         if estimator:
             estimator.attach(model)
-        model[0].register_forward_hook(lambda module, args, output: first_output.append(output.grad_fn))
+        model[0].register_forward_hook(lambda module, args, output, seen=first_output: seen.append(output.grad_fn))
         for _ in range(2):
             (F.cross_entropy(model(x), y, reduction="sum") / 6).backward()
             if estimator:
