@@ -7,7 +7,8 @@ turn (best of several calls each), and prints the ratio:
   layout against separate reductions (vecdot and sum);
 - squared norms of per-sample gradients: 2-norms of 1024-element blocks against ``vecdot(x, x)``
   (and the relative error of each, and of one unblocked ``vector_norm``, on all-equal entries);
-- the Gram form's kernel taps: added block by block against one strided reduction;
+- the Gram form's kernel taps: added as shifted blocks one spatial dimension at a time against
+  one strided reduction, and (CPU) the separable additions against one block per 2-d tap;
 - the explicit form's chunk size on CPU: 1M against 4M scratch elements, as the extra cost over
   the batch weight gradient it replaces.
 
@@ -17,6 +18,7 @@ turn (best of several calls each), and prints the ratio:
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -93,8 +95,29 @@ def taps(device: str) -> None:
             K.TAPS_IN_ONE_REDUCTION.clear()
             K.TAPS_IN_ONE_REDUCTION.update(saved)
         chosen, other = (reduction, blocks) if x.device.type in saved else (blocks, reduction)
-        names = ("one reduction", "block by block") if x.device.type in saved else ("block by block", "one reduction")
+        names = ("one reduction", "separable blocks") if x.device.type in saved else ("separable blocks", "one reduction")
         line(f"Gram form taps, {c}->{c} at {hw} px", chosen, other, names)
+        if x.device.type not in saved:
+            separable_against_tap_by_tap(c, hw, device)
+
+
+def separable_against_tap_by_tap(c: int, hw: int, device: str) -> None:
+    """The block additions alone, on one chunk's pixel Gram: one spatial dimension at a time
+    (``K._add_taps``) against one block per 2-d tap into a zeroed patch Gram."""
+    n = max(1, K.CHUNK_ELEMENTS.get(device, 1 << 20) // (c * hw * hw + 4 * hw ** 4))
+    pixels = torch.randn(n, c, hw * hw, device=device)
+    gram = torch.bmm(pixels.mT, pixels).view(n, hw, hw, hw, hw)
+    (phase,) = K._phases((hw, hw), (1, 1), (3, 3), (1, 1), (1, 1), (hw, hw))
+
+    def tap_by_tap() -> torch.Tensor:
+        out = gram.new_zeros(gram.shape)
+        for (rows, pixel_rows), (cols, pixel_cols) in itertools.product(*phase.taps):
+            out[:, rows, cols, rows, cols].add_(gram[:, pixel_rows, pixel_cols, pixel_rows, pixel_cols])
+        return out
+
+    torch.testing.assert_close(K._add_taps(gram, phase, (hw, hw), None), tap_by_tap())
+    line(f"  the additions alone, {n} samples", best_of(lambda: K._add_taps(gram, phase, (hw, hw), None), device),
+         best_of(tap_by_tap, device), ("separable", "tap by tap"))
 
 
 def chunks(device: str) -> None:
