@@ -19,8 +19,9 @@ position this is ``||a_i||^2 ||b_i||^2`` (Goodfellow, "Efficient per-example gra
 computations", 2015). The bias gradient is ``sum_t b_it``.
 
 Convolutions never unfold their input (on CPU the copy alone costs several times the layer's
-weight gradient). The Gram form builds the Gram matrix of the padded input *pixels*, X^T X, and
-adds up its k^2 shifted blocks, one per kernel tap, into the Gram matrix of the patches (k^2 times
+weight gradient). The Gram form builds the Gram matrix of the unpadded input *pixels*, X^T X
+(for a strided convolution one per stride phase, ``_phases``), and adds up its shifted blocks, one
+per kernel tap and separably per spatial dimension, into the Gram matrix of the patches (k^2 times
 less work than the patches' Gram). The explicit form gets all per-sample weight gradients of a
 chunk of samples as the weight gradient of one convolution whose groups are samples x groups. In
 that form the per-sample gradients' sum is the batch weight gradient: the hooks can let the kernel
