@@ -368,6 +368,41 @@ def test_the_gpu_way_of_summing_kernel_taps_gives_the_same_norms(monkeypatch, co
     torch.testing.assert_close(one_reduction, block_by_block, rtol=1e-5, atol=1e-6)
 
 
+@st.composite
+def conv_geometry(draw):
+    dims, groups = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2]))
+    stride = draw(st.integers(1, 3))
+    conv_type = nn.Conv1d if dims == 1 else nn.Conv2d
+    conv = conv_type(groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3)), draw(st.integers(1, 4)),
+                     stride=stride, dilation=draw(st.integers(1, 2)), groups=groups, bias=False,
+                     padding=draw(st.sampled_from([0, 1, 2, 3] + (["same"] if stride == 1 else []))),
+                     padding_mode=draw(st.sampled_from(["zeros", "reflect", "circular"])))
+    size = draw(st.lists(st.integers(3, 11), min_size=dims, max_size=dims))
+    return conv.double(), size
+
+
+@SETTINGS
+@given(case=conv_geometry(), taps_in_one_reduction=st.booleans())
+def test_the_gram_form_matches_the_explicit_form_for_any_geometry(case, taps_in_one_reduction):
+    # stride phases, separable taps (CPU) and the strided tap sum (GPU), against per-sample gradients
+    conv, size = case
+    x = torch.randn(3, conv.in_channels, *size, dtype=torch.float64)
+    try:
+        g = torch.randn_like(conv(x))
+    except RuntimeError:  # padding larger than the input for reflect, or an empty output
+        assume(False)
+    saved = set(kernels.TAPS_IN_ONE_REDUCTION)
+    try:
+        kernels.TAPS_IN_ONE_REDUCTION.clear()
+        if taps_in_one_reduction:
+            kernels.TAPS_IN_ONE_REDUCTION.add(x.device.type)
+        gram = kernels._conv_ghost(conv, x, g)
+    finally:
+        kernels.TAPS_IN_ONE_REDUCTION.clear()
+        kernels.TAPS_IN_ONE_REDUCTION.update(saved)
+    torch.testing.assert_close(gram, kernels._conv_explicit(conv, [x], [g], [False]), rtol=1e-10, atol=1e-12)
+
+
 def test_batchnorm_terms_without_the_fused_backward_are_the_same(monkeypatch):
     # the path taken on a backend whose batch-norm backward refuses the per-sample layout
     torch.manual_seed(0)
