@@ -131,7 +131,7 @@ def sum_outer_sq_norms(a: Tensor, g: Tensor, form: str = "auto") -> Tensor:
     if t == 1:
         return _sq(a[:, 0], 1) * _sq(g[:, 0], 1)
     if form == "auto":
-        form = "ghost" if t * (i + o) <= i * o else "explicit"
+        form = outer_forms_used(t, i, o)
     a, g = _f32(a), _f32(g)
     if form == "ghost":
         gram_a = torch.bmm(a, a.mT)
@@ -208,8 +208,9 @@ def _linear_plan(module: nn.Linear, x: Tensor, form: str, fused: bool = False) -
     if form != "auto":
         return form
     i, o = module.in_features, module.out_features
-    explicit = i * o * FUSED_ELEMENT_MACS.get(x.device.type, 64) if fused else t * i * o
-    return "ghost" if t * t * (i + o) <= explicit else "explicit"
+    if not fused:
+        return outer_forms_used(t, i, o)
+    return "ghost" if t * t * (i + o) <= i * o * FUSED_ELEMENT_MACS.get(x.device.type, 64) else "explicit"
 
 
 def _linear_sq_norms(module: nn.Linear, xs: list[Tensor], gs: list[Tensor], form: str,
@@ -269,17 +270,11 @@ def _conv_geometry(module: nn.Module) -> tuple[tuple[int, int], ...]:
 def _unfold(module: nn.Module, x: Tensor) -> Tensor:
     """The input patches of a Conv1d/Conv2d: (B, C_in * prod(kernel), positions)."""
     kernel, dilation, stride = _conv_geometry(module)
-    padding: tuple[int, int] = (0, 0)
-    if module.padding_mode != "zeros":
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-    elif isinstance(module.padding, str):  # "same" may pad asymmetrically; "valid" pads nothing
-        if any(module._reversed_padding_repeated_twice):
-            x = F.pad(x, module._reversed_padding_repeated_twice)
-    else:
-        padding = (0, module.padding[0]) if isinstance(module, nn.Conv1d) else tuple(module.padding)
+    x, pad = _conv_padding(module, x)
+    padding = (0, *pad) if isinstance(module, nn.Conv1d) else pad
     if isinstance(module, nn.Conv1d):
         x = x.unsqueeze(2)
-    if kernel == (1, 1) and stride == (1, 1) and padding == (0, 0):
+    if kernel == (1, 1) and stride == (1, 1) and not any(padding):
         return x.flatten(2)
     return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
 
@@ -300,10 +295,14 @@ def _conv_padding(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]
     return x, tuple(module.padding)
 
 
-def _conv_out_spatial(module: nn.Module, in_spatial: Sequence[int]) -> tuple[int, ...]:
-    dims = len(in_spatial)
+def _total_padding(module: nn.Module, dims: int) -> list[int]:
+    """Both sides' padding per spatial dimension, whatever the padding's form."""
     pads = module._reversed_padding_repeated_twice  # (last dim left, right, ..., first dim left, right)
-    total = [pads[2 * (dims - 1 - d)] + pads[2 * (dims - 1 - d) + 1] for d in range(dims)]
+    return [pads[2 * (dims - 1 - d)] + pads[2 * (dims - 1 - d) + 1] for d in range(dims)]
+
+
+def _conv_out_spatial(module: nn.Module, in_spatial: Sequence[int]) -> tuple[int, ...]:
+    total = _total_padding(module, len(in_spatial))
     return tuple((n + p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
                  zip(in_spatial, total, module.dilation, module.kernel_size, module.stride, strict=True))
 
@@ -344,11 +343,9 @@ def conv_forms_cost(module: nn.Module, in_spatial: Sequence[int],
 
 def _padded_geometry(module: nn.Module, in_spatial: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The spatial size after ``_conv_padding`` and the zero padding left to the kernels."""
-    dims = len(in_spatial)
     if module.padding_mode != "zeros" or isinstance(module.padding, str):
-        pads = module._reversed_padding_repeated_twice
-        grown = tuple(n + pads[2 * (dims - 1 - d)] + pads[2 * (dims - 1 - d) + 1] for d, n in enumerate(in_spatial))
-        return grown, (0,) * dims
+        grown = tuple(n + p for n, p in zip(in_spatial, _total_padding(module, len(in_spatial)), strict=True))
+        return grown, (0,) * len(in_spatial)
     return in_spatial, tuple(module.padding)
 
 
