@@ -10,7 +10,10 @@ turn (best of several calls each), and prints the ratio:
 - the Gram form's kernel taps: added as shifted blocks one spatial dimension at a time against
   one strided reduction, and (CPU) the separable additions against one block per 2-d tap;
 - the explicit form's chunk size on CPU: 1M against 4M scratch elements, as the extra cost over
-  the batch weight gradient it replaces.
+  the batch weight gradient it replaces;
+- the batch sum of a chunk of per-sample gradients: one in-place ``addmv_`` against a sum and an add;
+- a strided convolution's Gram form: the pixel Gram matrices of the stride phases against the
+  Gram matrix of all pixels, and the phases split out in one copy against one copy per phase.
 
     python benchmarks/estimator_kernels.py                  # CPU, 1 thread
     python benchmarks/estimator_kernels.py --device cuda
@@ -139,6 +142,39 @@ def chunks(device: str) -> None:
     line("explicit form over the batch gradient, 128->128", extra[1 << 20], extra[1 << 22], ("1M chunks", "4M chunks"))
 
 
+def batch_sum(device: str) -> None:
+    rows = torch.randn(4, 147456, device=device)
+    total = torch.zeros(147456, device=device)
+
+    def sum_and_add() -> torch.Tensor:
+        return total + rows.sum(0)
+
+    torch.testing.assert_close(K._add_batch_sum(total.clone(), rows), sum_and_add())
+    line("batch sum of per-sample gradients, 4 x 147456", best_of(lambda: K._add_batch_sum(total, rows), device),
+         best_of(sum_and_add, device), ("addmv_", "sum + add"))
+
+
+def stride_phases(device: str) -> None:
+    """ResNet-18's layer3.0.conv1 input (128 channels, 16 px, stride 2), one chunk of 21 samples."""
+    x = torch.randn(21, 128, 16, 16, device=device)
+    phases = K._phases((16, 16), (1, 1), (3, 3), (1, 1), (2, 2), (8, 8))
+
+    def phase_grams() -> list[torch.Tensor]:
+        split = K._split_phases(x, (2, 2))
+        parts = [split[(slice(None), *(p.start for p in ph.pixels))].reshape(21, 128, -1) for ph in phases]
+        return [torch.bmm(part.mT, part) for part in parts]
+
+    def all_pixels_gram() -> torch.Tensor:
+        pixels = x.reshape(21, 128, -1)
+        return torch.bmm(pixels.mT, pixels)
+
+    line("pixel Grams, 21x128x16x16, stride 2", best_of(phase_grams, device), best_of(all_pixels_gram, device),
+         ("per phase", "all pixels"))
+    line("  the phases' pixels", best_of(lambda: K._split_phases(x, (2, 2)), device),
+         best_of(lambda: [x[(slice(None), slice(None), *ph.pixels)].contiguous() for ph in phases], device),
+         ("one copy", "a copy per phase"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -154,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     taps(args.device)
     if args.device == "cpu":
         chunks(args.device)
+    batch_sum(args.device)
+    stride_phases(args.device)
     return 0
 
 

@@ -184,7 +184,8 @@ def accumulate_grad(param: Tensor, grad: Tensor) -> None:
 
 def _add_batch_sum(total: Tensor | None, rows: Tensor) -> Tensor:
     """``total + rows.sum(0)`` for (b, size) ``rows``, in place when ``total`` exists: one
-    matrix-vector product reads the rows once (on CPU 1.7x to 3x faster than a sum and an add)."""
+    matrix-vector product reads the rows once (on CPU 1.6x to 3x faster than a sum and an add:
+    ``benchmarks/estimator_kernels.py``)."""
     if total is None:
         total = rows.new_zeros(rows.shape[1])
     return total.addmv_(rows.mT, rows.new_ones(rows.shape[0]))
@@ -475,8 +476,8 @@ def _conv_ghost(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
 
 def _split_phases(x: Tensor, stride: tuple[int, ...]) -> Tensor | None:
     """(N, *stride, C, *spatial / stride): the stride phases of ``x`` (N, C, *spatial) in one copy
-    (3x faster on CPU than one strided copy per phase), or None unless each size divides by its
-    stride."""
+    (on CPU 1.5x to 3x faster than one strided copy per phase: ``benchmarks/estimator_kernels.py``),
+    or None unless each size divides by its stride."""
     spatial = x.shape[2:]
     if any(size % st for size, st in zip(spatial, stride, strict=True)):
         return None
