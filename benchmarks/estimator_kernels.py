@@ -13,7 +13,9 @@ turn (best of several calls each), and prints the ratio:
   the batch weight gradient it replaces;
 - the batch sum of a chunk of per-sample gradients: one in-place ``addmv_`` against a sum and an add;
 - a strided convolution's Gram form: the pixel Gram matrices of the stride phases against the
-  Gram matrix of all pixels, and the phases split out in one copy against one copy per phase.
+  Gram matrix of all pixels, and the phases split out in one copy against one copy per phase;
+- the per-sample gradients of ResNet-18's 1x1 shortcut convolutions: one batched matrix product
+  against the weight gradient of one grouped convolution per chunk.
 
     python benchmarks/estimator_kernels.py                  # CPU, 1 thread
     python benchmarks/estimator_kernels.py --device cuda
@@ -175,6 +177,24 @@ def stride_phases(device: str) -> None:
          ("one copy", "a copy per phase"))
 
 
+def pointwise(device: str) -> None:
+    for c_in, hw in ((64, 32), (128, 16), (256, 8)):
+        x = torch.randn(16, c_in, hw, hw, device=device)
+        g = torch.randn(16, 2 * c_in, hw // 2, hw // 2, device=device)
+        bmm = partial(K._pointwise_sample_grads, x, g, (2, 2), 1)
+        grouped = partial(_grouped_pointwise_grads, x, g)
+        torch.testing.assert_close(bmm(), grouped(), rtol=1e-4, atol=1e-4)
+        line(f"1x1 stride-2 per-sample grads, 16x{c_in}x{hw}x{hw}", best_of(bmm, device), best_of(grouped, device),
+             ("bmm", "grouped conv"))
+
+
+def _grouped_pointwise_grads(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients of a 1x1 stride-2 convolution as one grouped convolution's."""
+    n, c_in, hw = x.shape[0], x.shape[1], x.shape[2]
+    return torch.nn.grad.conv2d_weight(x.reshape(1, -1, hw, hw), (n * g.shape[1], c_in, 1, 1),
+                                       g.reshape(1, -1, *g.shape[2:]), stride=2, groups=n).view(n, -1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -192,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         chunks(args.device)
     batch_sum(args.device)
     stride_phases(args.device)
+    pointwise(args.device)
     return 0
 
 

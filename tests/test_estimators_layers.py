@@ -403,6 +403,31 @@ def test_the_gram_form_matches_the_explicit_form_for_any_geometry(case, taps_in_
     torch.testing.assert_close(gram, kernels._conv_explicit(conv, [x], [g], [False]), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(6, 4, 1, bias=False), nn.Conv2d(6, 4, 1, stride=2, groups=2), nn.Conv2d(6, 4, 1, stride=(1, 3)),
+    nn.Conv1d(6, 9, 1, stride=2, groups=3), nn.Conv2d(6, 4, 1, padding=1, padding_mode="circular")], ids=repr)
+def test_pointwise_convolutions_take_per_sample_gradients_from_one_matrix_product(conv):
+    # strided, grouped and 1-d pointwise convolutions, with and without supplying the batch gradient
+    torch.manual_seed(0)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+    x, y = torch.randn(5, 6, *(7, 8)[:conv.weight.dim() - 2]), torch.randint(0, 3, (5,))
+    model(x)
+    assert kernels._pointwise(tuple(conv.kernel_size), kernels._conv_padding(conv, x)[1])
+    expected = func_oracle(model, x, y)
+    assert_norms_match(per_sample_sq_norms(model, F.cross_entropy, x, y, form="explicit"), expected)
+    reference = copy.deepcopy(model)
+    F.cross_entropy(reference(x), y, reduction="sum").backward()
+    estimator = ExactEstimator()
+    estimator.attach(model)
+    F.cross_entropy(model(x), y, reduction="sum").backward()
+    estimator.on_backward(1.0)
+    estimator.on_step(1.0)
+    assert estimator._hooks.layers[0].fusable
+    torch.testing.assert_close(conv.weight.grad, reference[0].weight.grad, rtol=1e-5, atol=1e-6)
+    sum_sq = estimator.estimate(model, F.cross_entropy, None).sum_sq_norms
+    assert sum_sq == pytest.approx(float(sum(expected.values()).sum()), rel=1e-4)
+
+
 def test_batchnorm_terms_without_the_fused_backward_are_the_same(monkeypatch):
     # the path taken on a backend whose batch-norm backward refuses the per-sample layout
     torch.manual_seed(0)

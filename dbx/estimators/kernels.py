@@ -316,6 +316,12 @@ def _conv_out_spatial(module: nn.Module, in_spatial: Sequence[int]) -> tuple[int
 #: scattered from 4 to 5,000, and 64 still picked the faster form for every ResNet-18 convolution.
 FUSED_ELEMENT_MACS = {"cpu": 64, "cuda": 64}
 
+#: The same for pointwise (1x1) convolutions, whose per-sample gradients are one batched matrix
+#: product (``_pointwise_sample_grads``) rather than a grouped convolution: on a 1-thread CPU the
+#: break-even values of 1x1 convolutions from 64 to 2048 channels were 12-29
+#: (``benchmarks/estimators.py --forms``); CUDA keeps the value measured for all convolutions.
+FUSED_POINTWISE_ELEMENT_MACS = {"cpu": 24, "cuda": 64}
+
 
 def conv_forms_cost(module: nn.Module, in_spatial: Sequence[int],
                     out_spatial: Sequence[int] | None = None, device_type: str = "cpu") -> dict[str, int]:
@@ -325,7 +331,8 @@ def conv_forms_cost(module: nn.Module, in_spatial: Sequence[int],
     and phase), whose shifted blocks add up to the Gram matrix of the input patches (T^2 k^2), and
     the output gradients' Gram matrix (T^2 O/G); explicit: the per-sample weight gradient
     (T C/G k^2 O/G per group); explicit_fused: what the explicit form adds to the step when it
-    also supplies the batch weight gradient (``FUSED_ELEMENT_MACS`` per per-sample gradient element).
+    also supplies the batch weight gradient (``FUSED_ELEMENT_MACS`` per per-sample gradient element,
+    ``FUSED_POINTWISE_ELEMENT_MACS`` for 1x1 convolutions).
     """
     out_spatial = tuple(out_spatial or _conv_out_spatial(module, in_spatial))
     groups = module.groups
@@ -335,10 +342,11 @@ def conv_forms_cost(module: nn.Module, in_spatial: Sequence[int],
     phases = _phases(spatial, pad, tuple(module.kernel_size), tuple(module.dilation), tuple(module.stride),
                      out_spatial)
     pixel_grams = sum(math.prod(phase.spatial) ** 2 for phase in phases)
+    per_element = (FUSED_POINTWISE_ELEMENT_MACS if _pointwise(tuple(module.kernel_size), pad) else FUSED_ELEMENT_MACS)
     return {
         "ghost": groups * (pixel_grams * cg + positions * positions * (og + taps)),
         "explicit": groups * positions * cg * taps * og,
-        "explicit_fused": groups * cg * taps * og * FUSED_ELEMENT_MACS.get(device_type, 64),
+        "explicit_fused": groups * cg * taps * og * per_element.get(device_type, 64),
     }
 
 
@@ -534,10 +542,13 @@ def _conv_explicit(module: nn.Module, xs: list[Tensor], gs: list[Tensor], fused:
         b = e - s
         per_sample = None
         for (x, pad), g, f in zip(prepared, gs, fused, strict=True):
-            xc = _f32(x[s:e]).reshape(1, b * c_in, *x.shape[2:])
-            gc = _f32(g[s:e]).reshape(1, b * c_out, *g.shape[2:])
-            grads = weight_grad(xc, (b * c_out, cg, *kernel), gc, stride=stride, padding=pad, dilation=dilation,
-                                groups=b * groups).view(b, size)
+            if _pointwise(kernel, pad):
+                grads = _pointwise_sample_grads(x[s:e], g[s:e], stride, groups)
+            else:
+                xc = _f32(x[s:e]).reshape(1, b * c_in, *x.shape[2:])
+                gc = _f32(g[s:e]).reshape(1, b * c_out, *g.shape[2:])
+                grads = weight_grad(xc, (b * c_out, cg, *kernel), gc, stride=stride, padding=pad,
+                                    dilation=dilation, groups=b * groups).view(b, size)
             per_sample = grads if per_sample is None else per_sample + grads
             if f:
                 batch = _add_batch_sum(batch, grads)
@@ -545,6 +556,23 @@ def _conv_explicit(module: nn.Module, xs: list[Tensor], gs: list[Tensor], fused:
     if batch is not None:
         accumulate_grad(module.weight, batch)
     return _cat(parts, 0)
+
+
+def _pointwise(kernel: tuple[int, ...], pad: tuple[int, ...]) -> bool:
+    """A 1x1 (or length-1) convolution without zero padding: its patches are input pixels."""
+    return all(k == 1 for k in kernel) and not any(pad)
+
+
+def _pointwise_sample_grads(x: Tensor, g: Tensor, stride: tuple[int, ...], groups: int) -> Tensor:
+    """(b, weight size) per-sample weight gradients of a pointwise convolution: one batched matrix
+    product of the output gradients with the pixels the stride keeps (on CPU 1.8x to 13x faster
+    than the per-sample grouped convolution's weight gradient: ``benchmarks/estimator_kernels.py``)."""
+    b = g.shape[0]
+    kept = x[(slice(None), slice(None), *(slice(None, None, st) for st in stride))]
+    positions = math.prod(g.shape[2:])
+    a = _f32(kept).reshape(b * groups, -1, positions)  # (b * groups, C / groups, T): a copy only when strided
+    y = _f32(g).reshape(b * groups, -1, positions)  # (b * groups, O / groups, T)
+    return torch.bmm(y, a.mT).view(b, -1)  # weight layout (O, C / groups)
 
 
 def _conv_sq_norms(module: nn.Module, xs: list[Tensor], gs: list[Tensor], form: str,
