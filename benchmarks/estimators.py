@@ -27,11 +27,13 @@ torch's default and ``--wall`` reports wall-clock time. Peak memory comes from a
 throw-away step of the same method at batch 2, i.e. parameters, gradients, optimizer state,
 activations and scratch, read from Linux's high-water mark after a reset; on CUDA:
 ``torch.cuda.max_memory_allocated``). ``--forms`` adds the per-convolution timings of the explicit
-and Gram forms that calibrate the estimator's choice between them.
+and Gram forms that calibrate the estimator's choice between them; ``--layers`` adds, per layer of
+the ResNet-18, where the measuring step's extra time goes in context.
 
     python benchmarks/estimators.py                    # the default table (~4 min on 2 CPU cores)
     python benchmarks/estimators.py --steps 10 --other-steps 3 --device cuda --batch-sizes 32,128,512 --forms
     python benchmarks/estimators.py --models mlp --methods plain,exact,vmap
+    python benchmarks/estimators.py --models resnet18 --batch-sizes 128 --methods plain,exact --layers
 """
 from __future__ import annotations
 
@@ -386,6 +388,79 @@ def forms_table(device: str, batch: int, threads: int) -> None:
               f"{K._conv_plan(conv, x, 'auto', fused=True):<8}{per_elem:7.0f}")
 
 
+def layers_table(device: str, batch: int, threads: int, steps: int) -> None:
+    """Where the measuring step's extra time goes, layer by layer, in context (ResNet-18).
+
+    Plain and exact steps alternate. For every parameter-owning module: the time of its backward
+    node in plain steps, the same node in exact steps (a fused layer's node no longer computes the
+    weight gradient), and exact's hook for the layer (per-sample norms, and a fused layer's weight
+    gradient, which runs before the node); extra = exact node + hook - plain node. On CPU these are
+    the thread's CPU seconds; on CUDA, host seconds without synchronisation: what a launch-bound
+    step waits for. The forward hooks, the running sums and the optimizer are not in the table.
+    """
+    import collections
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    clock = time.perf_counter if device.startswith("cuda") else time.thread_time
+    x, y = make_batch(batch, device)
+    runners = {name: Method(name, build_model("resnet18").to(device), F.cross_entropy, x, y, device)
+               for name in ("plain", "exact")}
+    node_seconds = {name: collections.defaultdict(float) for name in runners}
+    hook_seconds: dict[str, float] = collections.defaultdict(float)
+    kinds = {}
+    for name, runner in runners.items():
+        for path, module in runner.model.named_modules():
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                kinds[path] = type(module).__name__
+                module.register_forward_hook(partial(_time_backward_node, node_seconds[name], path, clock))
+    hooks = runners["exact"].estimator._hooks
+    run = hooks._run
+
+    def timed_run(self, layer, *args):
+        start = clock()
+        try:
+            return run(layer, *args)
+        finally:
+            hook_seconds[layer.path] += clock() - start
+
+    hooks._run = types.MethodType(timed_run, hooks)
+    for _ in range(2):
+        runners["plain"].step_plain(), runners["exact"].step_exact()
+    for table in (*node_seconds.values(), hook_seconds):
+        table.clear()
+    for i in range(steps):
+        for name in (("plain", "exact") if i % 2 == 0 else ("exact", "plain")):
+            getattr(runners[name], f"step_{name}")()
+    unit = "host ms" if device.startswith("cuda") else "CPU ms"
+    print(f"\n# where the measuring step's extra time goes, resnet18, B={batch}, {device}, {unit} per step "
+          f"(mean of {steps} alternating pairs)")
+    print(f"  {'layer':<22} {'type':<12} {'plain node':>10} {'exact node':>10} {'hook':>8} {'extra':>8}")
+    by_kind: dict[str, float] = collections.defaultdict(float)
+    for path in node_seconds["plain"]:
+        plain, exact = node_seconds["plain"][path] / steps * 1e3, node_seconds["exact"][path] / steps * 1e3
+        hook = hook_seconds[path] / steps * 1e3
+        by_kind[kinds[path]] += exact + hook - plain
+        print(f"  {path:<22} {kinds[path]:<12} {plain:10.2f} {exact:10.2f} {hook:8.2f} {exact + hook - plain:+8.2f}")
+    total = sum(by_kind.values())
+    print("  extra by type: " + ", ".join(f"{kind} {ms:+.1f}" for kind, ms in sorted(by_kind.items()))
+          + f"; all layers {total:+.1f} ms")
+
+
+def _time_backward_node(seconds: dict[str, float], path: str, clock, module, args, output) -> None:
+    """Add the time of ``output``'s backward node to ``seconds[path]`` when the backward runs it."""
+    node = getattr(output, "grad_fn", None)
+    if node is None:
+        return
+    started = []
+    node.register_prehook(lambda grads: started.append(clock()))
+    node.register_hook(lambda grad_inputs, grad_outputs: seconds.__setitem__(path, seconds[path] + clock() - started[-1]))
+
+
 # ----------------------------------------------------------------------------------------------
 # The table (parent process)
 # ----------------------------------------------------------------------------------------------
@@ -453,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the raw results to this file")
     parser.add_argument("--forms", action="store_true",
                         help="also time the convolution forms of the ResNet-18 at the largest batch size")
+    parser.add_argument("--layers", action="store_true",
+                        help="also show, per layer of the ResNet-18 at the largest batch size, where exact's extra time goes")
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--time-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -505,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
             print_block(model, batch, methods, row)
     if args.forms:
         forms_table(args.device, max(batches), args.threads)
+    if args.layers:
+        layers_table(args.device, max(batches), args.threads, max(args.steps, 2))
     print(f"# total {time.perf_counter() - start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
