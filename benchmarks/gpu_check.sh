@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need an NVIDIA GPU, in one pass of about five minutes: the CUDA tests
 # (tests/test_cuda.py and the loader's), the estimator benchmark on CUDA (with the per-layer form
-# timings that calibrate kernels.FUSED_ELEMENT_MACS["cuda"]) and the loader benchmark on CUDA.
+# timings that calibrate kernels.FUSED_ELEMENT_MACS["cuda"], and each layer's host time in a measuring
+# step, from --layers) and the loader benchmark on CUDA.
 #
 #   OUT=gpu-results bash benchmarks/gpu_check.sh      # from the repository root, on a GPU machine
 #
@@ -47,6 +48,6 @@ export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 stage tests 300 $py -m pytest -q -rs -p no:cacheprovider --durations=5 \
     tests/test_cuda.py tests/test_data_loader.py tests/test_data_augment.py
 stage estimators 300 $py benchmarks/estimators.py --device cuda --models ${MODELS:-resnet18,mlp} --batch-sizes 128,512 \
-    --methods plain,exact,vmap --steps 20 --other-steps 3 --forms --json "$out/estimators.json"
+    --methods plain,exact,vmap --steps 20 --other-steps 3 --forms --layers --json "$out/estimators.json"
 [ -n "${SKIP_LOADER:-}" ] || stage loader 90 $py benchmarks/loader.py --device cuda --rotation 15 --batch-size 1024
 exit $status
