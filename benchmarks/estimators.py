@@ -370,7 +370,8 @@ def forms_table(device: str, batch: int, threads: int) -> None:
         return min(times)
 
     shapes = [(64, 64, 32, 1, 3), (64, 128, 32, 2, 3), (64, 128, 32, 2, 1), (128, 128, 16, 1, 3),
-              (128, 256, 16, 2, 3), (256, 256, 8, 1, 3), (256, 512, 8, 2, 3), (512, 512, 4, 1, 3)]
+              (128, 256, 16, 2, 3), (128, 256, 16, 2, 1), (256, 256, 8, 1, 3), (256, 512, 8, 2, 3),
+              (256, 512, 8, 2, 1), (512, 512, 4, 1, 3)]
     print(f"\n# convolution forms, B={batch}, {device}: seconds per call (best of 3)")
     print(f"  {'conv':<22} {'batch':>8} {'explicit':>9} {'fused +':>8} {'ghost':>8}  picked  per-elem MACs")
     for c_in, c_out, hw, stride, k in shapes:

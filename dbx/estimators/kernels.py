@@ -317,9 +317,10 @@ def _conv_out_spatial(module: nn.Module, in_spatial: Sequence[int]) -> tuple[int
 FUSED_ELEMENT_MACS = {"cpu": 64, "cuda": 64}
 
 #: The same for pointwise (1x1) convolutions, whose per-sample gradients are one batched matrix
-#: product (``_pointwise_sample_grads``) rather than a grouped convolution: on a 1-thread CPU the
-#: break-even values of 1x1 convolutions from 64 to 2048 channels were 12-29
-#: (``benchmarks/estimators.py --forms``); CUDA keeps the value measured for all convolutions.
+#: product (``_pointwise_sample_grads``) rather than a grouped convolution. On a 1-thread CPU the
+#: break-even values were 4-6 for ResNet-18's strided 1x1 shortcuts (``benchmarks/estimators.py
+#: --forms``) and 12-29 for 1x1 convolutions of 64 to 2048 channels (a one-off run); 24 picked the
+#: faster form for every one of them. CUDA keeps the value measured for all convolutions.
 FUSED_POINTWISE_ELEMENT_MACS = {"cpu": 24, "cuda": 64}
 
 
