@@ -102,7 +102,7 @@ def run(spec_path: str, overrides: tuple[str, ...], device: str | None, tracking
     Exit code 0 when the run finished, 1 when it failed, 2 when the input is wrong, 130 when
     Ctrl-C or SIGTERM stopped it (the run is marked KILLED; `dbx resume RUN_ID` continues it).
     """
-    from dbx.runner import run_spec
+    from dbx.launch import run_spec
 
     extra = [f"device={device}"] if device else []
     with _sigterm_stops_like_ctrl_c():

@@ -1,4 +1,4 @@
-"""One ``dbx run``: spec -> checks -> parts -> MLflow run -> training -> summary.
+"""One training run: checked spec -> parts -> MLflow run -> training -> summary (and its resume).
 
 The order matters: everything that can be wrong with the user's input is found before an
 MLflow run is created, so a bad spec leaves no trace in the store.
@@ -6,12 +6,11 @@ MLflow run is created, so a bad spec leaves no trace in the store.
 from __future__ import annotations
 
 import json
-import logging
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
-from dbx.checks import check_spec_file, describe_plugins
+from dbx.checks import describe_plugins
 from dbx.errors import RunFailed, UserError
 
 Say = Callable[[str], None]
@@ -24,22 +23,6 @@ class RunResult:
     summary: dict[str, Any] | None = None
 
 
-def run_spec(path: str, overrides: Sequence[str] = (), *, tracking_uri: str | None = None,
-             experiment: str | None = None, say: Say = print, dry_run: bool = False) -> int:
-    """Run the spec at ``path`` (each point of its sweep, if it has one); return the exit code."""
-    spec = check_spec_file(path, overrides)
-    if dry_run:
-        return describe_points(spec, say)
-    from dbx import tracking
-
-    uri = tracking.resolve_tracking_uri(tracking_uri, spec.tracking.uri)
-    if spec.sweep:
-        from dbx.sweep import run_sweep
-
-        return run_sweep(spec, uri=uri, experiment=experiment, say=say)
-    return run_one(spec, uri=uri, experiment=experiment, say=say).exit_code
-
-
 def run_one(spec: Any, *, uri: str, experiment: str | None = None, say: Say = print,
             parent_run_id: str | None = None, run_name: str | None = None) -> RunResult:
     """Train one (sweep-free) spec into a new MLflow run.
@@ -48,11 +31,11 @@ def run_one(spec: Any, *, uri: str, experiment: str | None = None, say: Say = pr
     exists. A failure during training marks the run FAILED and raises ``RunFailed``; Ctrl-C marks
     it KILLED and returns exit code 130.
     """
-    _quiet_mlflow()
     from dbx import tracking
     from dbx.train.loop import RunState
     from dbx.train.parts import build_parts
 
+    tracking.quiet_mlflow()
     device, label = _device(spec)
     tracking.check_store(uri)
     parts = build_parts(spec, device)
@@ -75,12 +58,12 @@ def run_one(spec: Any, *, uri: str, experiment: str | None = None, say: Say = pr
 def resume_run(run_id: str, *, tracking_uri: str | None = None, device: str | None = None,
                say: Say = print) -> int:
     """Continue run ``run_id`` from its newest intact checkpoint, in the same MLflow run."""
-    _quiet_mlflow()
     from dbx import tracking
     from dbx.spec import spec_from_dict
     from dbx.train.checkpoint import load_latest, restore
     from dbx.train.parts import build_parts
 
+    tracking.quiet_mlflow()
     uri = tracking.resolve_tracking_uri(tracking_uri)
     run = tracking.find_run(uri, run_id)
     folder = run.data.tags.get("dbx.checkpoint.dir")
@@ -153,21 +136,3 @@ def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say) -> RunResu
                                   for k, v in summary.to_dict().items()}))
     say(f"done. browse with: {tracking.ui_command(tracked.uri)}")
     return RunResult(0, tracked.run_id, summary.to_dict())
-
-
-def describe_points(spec: Any, say: Say) -> int:
-    """What ``dbx run`` would train, one line per run, without starting anything."""
-    from dbx.spec import expand_sweep
-    from dbx.sweep import point_names
-
-    points = expand_sweep(spec)
-    names = point_names(spec) if spec.sweep else [f"{spec.name}-seed{spec.seed}"]
-    for index, ((label, point), name) in enumerate(zip(points, names), 1):
-        say(f"{index:>3}. {name}  {label or '(single run)'}  policy={point.policy.name} epochs={point.epochs}")
-    say(f"{len(points)} run(s); nothing was started (--dry-run)")
-    return 0
-
-
-def _quiet_mlflow() -> None:
-    """MLflow's INFO lines (table creation, system-metrics thread) drown the epoch lines."""
-    logging.getLogger("mlflow").setLevel(logging.WARNING)

@@ -35,12 +35,11 @@ def run_sweep(spec: Any, *, uri: str, experiment: str | None = None, say: Say = 
     """Train each point of ``spec.sweep`` as a nested run; return 0, or 1 if any point failed
     (130 when interrupted: the remaining points are not started)."""
     from dbx import tracking
-    from dbx.runner import _quiet_mlflow
     from dbx.spec import expand_sweep
 
     points = expand_sweep(spec)  # a wrong grid is a SpecError (exit 2) before anything starts
     names = point_names(spec)
-    _quiet_mlflow()
+    tracking.quiet_mlflow()
     tracking.check_store(uri)
     labels = dict(zip(names, (label for label, _ in points), strict=True))
     parent = tracking.open_sweep_run(spec, uri=uri, experiment=experiment, points=labels)
@@ -107,6 +106,18 @@ def _run_point(point: Any, name: str, label: str, *, uri: str, experiment: str |
                                                   parent_run_id=parent_run_id, message=outcome.message,
                                                   reason=reason)
     return outcome
+
+
+def describe_points(spec: Any, say: Say) -> int:
+    """What ``dbx run`` would train, one line per run, without starting anything."""
+    from dbx.spec import expand_sweep
+
+    points = expand_sweep(spec)
+    names = point_names(spec) if spec.sweep else [f"{spec.name}-seed{spec.seed}"]
+    for index, ((label, point), name) in enumerate(zip(points, names, strict=True), 1):
+        say(f"{index:>3}. {name}  {label or '(single run)'}  policy={point.policy.name} epochs={point.epochs}")
+    say(f"{len(points)} run(s); nothing was started (--dry-run)")
+    return 0
 
 
 def sweep_summary(outcomes: list[PointOutcome], total: int) -> str:

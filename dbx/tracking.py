@@ -8,6 +8,7 @@ several runs can be driven from one process, e.g. a sweep or the tests.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -22,6 +23,11 @@ DEFAULT_DB = "mlflow.db"  # MLflow's own default store name: a plain `mlflow ui`
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # makes the MLflow 3 UI open on the training-runs view
 MAX_BATCH = 1000
 MAX_PARAMS = 100
+
+
+def quiet_mlflow() -> None:
+    """MLflow's INFO lines (table creation, system-metrics thread) drown the epoch lines."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def resolve_tracking_uri(cli_uri: str | None = None, spec_uri: str | None = None) -> str:

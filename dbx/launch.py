@@ -1,0 +1,30 @@
+"""``dbx run SPEC``: check the spec, then train its one run or each point of its sweep.
+
+This is the only module that knows both ways a spec can run; ``dbx.sweep`` builds on
+``dbx.runner`` (a sweep point is one run), and neither imports this one.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from dbx.checks import check_spec_file
+
+Say = Callable[[str], None]
+
+
+def run_spec(path: str, overrides: Sequence[str] = (), *, tracking_uri: str | None = None,
+             experiment: str | None = None, say: Say = print, dry_run: bool = False) -> int:
+    """Run the spec at ``path`` (each point of its sweep, if it has one); return the exit code."""
+    spec = check_spec_file(path, overrides)
+    from dbx import sweep
+
+    if dry_run:
+        return sweep.describe_points(spec, say)
+    from dbx import tracking
+
+    uri = tracking.resolve_tracking_uri(tracking_uri, spec.tracking.uri)
+    if spec.sweep:
+        return sweep.run_sweep(spec, uri=uri, experiment=experiment, say=say)
+    from dbx.runner import run_one
+
+    return run_one(spec, uri=uri, experiment=experiment, say=say).exit_code
