@@ -102,6 +102,7 @@ def _device(spec: Any) -> tuple[Any, str]:
 def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say) -> RunResult:
     """Run the loop with end-of-epoch checkpoints; close the MLflow run with the right status."""
     from dbx import tracking
+    from dbx.train import throughput
     from dbx.train.checkpoint import save_checkpoint, snapshot
     from dbx.train.loop import fit
 
@@ -113,25 +114,30 @@ def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say) -> RunResu
         def on_epoch_end(current: Any) -> None:
             save_checkpoint(folder, current.epoch, snapshot(spec, parts, current), spec.checkpoint.keep_last)
 
+    def finish(status: str, **details: Any) -> None:
+        """Close the run, with the throughput of each batch size it trained at (throughput.json)."""
+        try:
+            if state.throughput:
+                tracked.log_text(json.dumps(throughput.as_records(state.throughput), indent=2), "throughput.json")
+        finally:
+            tracked.finish(status, history=state.history, step=state.epoch, **details)
+
     resume_hint = f"resume with: dbx resume {tracked.run_id} --tracking-uri {tracked.uri}"
     try:
         summary = fit(spec, parts, tracked, say=say, state=state, on_epoch_end=on_epoch_end)
     except KeyboardInterrupt:
-        tracked.finish("KILLED", history=state.history, step=state.epoch,
-                       failure={"reason": "interrupted", "epoch": state.epoch + 1})
+        finish("KILLED", failure={"reason": "interrupted", "epoch": state.epoch + 1})
         say(f"interrupted in epoch {state.epoch + 1}; run {tracked.run_id} marked KILLED. "
             + (resume_hint if on_epoch_end else ""))
         return RunResult(130, tracked.run_id)
     except RunFailed as exc:
-        tracked.finish("FAILED", history=state.history, step=state.epoch,
-                       failure={"reason": exc.reason, "message": str(exc), "epoch": exc.epoch, "step": exc.step})
+        finish("FAILED", failure={"reason": exc.reason, "message": str(exc), "epoch": exc.epoch, "step": exc.step})
         raise
     except Exception as exc:
-        tracked.finish("FAILED", history=state.history, step=state.epoch,
-                       failure={"reason": "exception", "message": f"{type(exc).__name__}: {exc}",
-                                "epoch": state.epoch + 1})
+        finish("FAILED", failure={"reason": "exception", "message": f"{type(exc).__name__}: {exc}",
+                                  "epoch": state.epoch + 1})
         raise RunFailed(f"{type(exc).__name__}: {exc}", reason="exception", epoch=state.epoch + 1) from exc
-    tracked.finish("FINISHED", summary=summary.to_dict(), history=state.history, step=state.epoch)
+    finish("FINISHED", summary=summary.to_dict())
     say("summary: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                   for k, v in summary.to_dict().items()}))
     say(f"done. browse with: {tracking.ui_command(tracked.uri)}")

@@ -11,12 +11,14 @@ was expected and how to fix it::
         check_policy(MyRule, dataset_size=50_000, params={"max": 4096}, bounds=(1, 4096))
 
 dbx runs the same checks on every registered built-in (``tests/test_contracts.py``). The helpers
-``epoch_state``, ``diversity_estimate`` and ``simulate_policy`` build the inputs the loop passes,
+``epoch_state``, ``diversity_estimate``, ``throughput_table`` and ``simulate_policy`` build the
+inputs the loop passes,
 for unit tests of a rule's arithmetic. ``check_policy`` imports nothing heavy; the others import
 torch.
 
 Public API (see ``dbx.protocols``): ``ContractError``, ``check_policy``, ``check_estimator``,
-``check_model``, ``check_dataset``, ``epoch_state``, ``diversity_estimate``, ``simulate_policy``.
+``check_model``, ``check_dataset``, ``epoch_state``, ``diversity_estimate``, ``throughput_table``,
+``simulate_policy``.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import math
 import pickle
 import random
 import typing
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from dbx.errors import UserError
 from dbx.protocols import BatchSizePolicy, DataSplits, DiversityEstimate, DiversityEstimator, EpochState
@@ -41,6 +43,7 @@ __all__ = [
     "epoch_state",
     "diversity_estimate",
     "simulate_policy",
+    "throughput_table",
 ]
 
 
@@ -62,18 +65,27 @@ class ContractError(AssertionError):
 def epoch_state(epoch: int = 1, batch_size: int = 128, *, dataset_size: int = 50_000, epochs: int = 100,
                 lr: float = 0.1, train_loss: float = 1.0, test_loss: float = 1.0,
                 train_accuracy: float | None = None, test_accuracy: float | None = None,
-                step: int | None = None, samples_seen: int | None = None) -> EpochState:
+                step: int | None = None, samples_seen: int | None = None,
+                throughput: Mapping[int, float] | None = None) -> EpochState:
     """The ``EpochState`` after epoch ``epoch`` trained with ``batch_size``.
 
     ``step`` and ``samples_seen`` default to what a run at this batch size from the start would
-    have reached.
+    have reached. ``throughput`` is the measured ``{batch_size: samples per second}`` table
+    (empty by default; ``throughput_table`` builds one from a step-time model).
     """
     steps_per_epoch = math.ceil(dataset_size / batch_size)
     return EpochState(
         epoch=epoch, epochs=epochs, batch_size=batch_size, lr=lr, dataset_size=dataset_size,
         step=epoch * steps_per_epoch if step is None else step,
         samples_seen=epoch * dataset_size if samples_seen is None else samples_seen,
-        train_loss=train_loss, test_loss=test_loss, train_accuracy=train_accuracy, test_accuracy=test_accuracy)
+        train_loss=train_loss, test_loss=test_loss, train_accuracy=train_accuracy, test_accuracy=test_accuracy,
+        throughput=dict(throughput or {}))
+
+
+def throughput_table(step_seconds: Callable[[int], float], batch_sizes: Iterable[int]) -> dict[int, float]:
+    """``EpochState.throughput`` for a machine whose optimizer step at batch size B takes
+    ``step_seconds(B)`` seconds, after epochs trained at ``batch_sizes``: ``{B: B / step_seconds(B)}``."""
+    return {b: b / step_seconds(b) for b in sorted(set(batch_sizes))}
 
 
 def diversity_estimate(noise_scale: float | None = None, *, samples: int = 50_000, value: float | None = None,
@@ -101,21 +113,26 @@ def diversity_estimate(noise_scale: float | None = None, *, samples: int = 50_00
 
 def simulate_policy(policy: Any, *, epochs: int, dataset_size: int,
                     estimates: Callable[[int], DiversityEstimate | None] = lambda epoch: None,
-                    start: int | None = None, first_epoch: int = 1) -> list[int]:
+                    start: int | None = None, first_epoch: int = 1,
+                    step_seconds: Callable[[int], float] | None = None, earlier: Sequence[int] = ()) -> list[int]:
     """Drive ``policy`` as the training loop does; return the batch size used in each epoch.
 
     ``estimates(epoch)`` gives the estimate of a measured epoch (asked only when the policy uses
     diversity and ``measures_in(epoch)`` is true). ``start`` is the batch size of the first
     simulated epoch (default ``policy.initial_batch_size()``); ``first_epoch`` lets a simulation
-    continue where another stopped (after ``load_state_dict``).
+    continue where another stopped (after ``load_state_dict``). With ``step_seconds`` (a
+    machine's step time at each batch size), each state carries the throughput table of the
+    batch sizes trained so far, ``earlier`` ones (epochs before ``first_epoch``) included.
     """
     last = first_epoch + epochs - 1
     batch = policy.initial_batch_size() if start is None else start
-    used = []
+    used: list[int] = []
     for epoch in range(first_epoch, last + 1):
         used.append(batch)
         measured = estimates(epoch) if policy.uses_diversity and policy.measures_in(epoch) else None
-        batch = policy.next_batch_size(epoch_state(epoch, batch, dataset_size=dataset_size, epochs=last), measured)
+        table = throughput_table(step_seconds, [*earlier, *used]) if step_seconds is not None else None
+        state = epoch_state(epoch, batch, dataset_size=dataset_size, epochs=last, throughput=table)
+        batch = policy.next_batch_size(state, measured)
     return used
 
 
@@ -369,10 +386,19 @@ def _needs_sums(policy: Any, dataset_size: int, problems: list[str]) -> bool:
     return False
 
 
+def _check_machine_step_seconds(batch_size: int) -> float:
+    """The step time of the machine ``check_policy`` simulates: 2 ms fixed plus 20 us per sample."""
+    return 2e-3 + 2e-5 * batch_size
+
+
 def _run_policy(policy: Any, epochs: int, dataset_size: int, estimates: Callable[[int], DiversityEstimate],
                 problems: list[str], in_bounds: Callable[[Any, str], bool], scenario: str,
-                first_epoch: int = 1, start: int | None = None) -> list[tuple[int, bool, Any]] | None:
-    """Run the loop's calls; return (batch size, measured, answer) per epoch, or None after a problem."""
+                first_epoch: int = 1, start: int | None = None,
+                earlier: Sequence[int] = ()) -> list[tuple[int, bool, Any]] | None:
+    """Run the loop's calls; return (batch size, measured, answer) per epoch, or None after a problem.
+
+    Each state carries the throughput table of the batch sizes trained so far (``earlier`` ones
+    too), as measured on a simulated machine (``_check_machine_step_seconds``)."""
     if policy is None:
         return None
     last = first_epoch + epochs - 1
@@ -388,7 +414,8 @@ def _run_policy(policy: Any, epochs: int, dataset_size: int, estimates: Callable
                     problems.append(f"{where}: measures_in returned {measured!r}; it must return a bool")
                     return None
             diversity = estimates(epoch) if measured else None
-            state = epoch_state(epoch, batch, dataset_size=dataset_size, epochs=last)
+            table = throughput_table(_check_machine_step_seconds, [*earlier, *(b for b, _, _ in trace), batch])
+            state = epoch_state(epoch, batch, dataset_size=dataset_size, epochs=last, throughput=table)
             answer = policy.next_batch_size(state, diversity)
             if not in_bounds(answer, f"{where}: next_batch_size"):
                 return None
@@ -444,10 +471,11 @@ def _check_resume(build: Callable[[], Any], epochs: int, dataset_size: int,
     rest = epochs - half
     if rest <= 0:
         return
+    trained = [b for b, _, _ in before]
     expected = _run_policy(original, rest, dataset_size, estimates, problems, in_bounds, scenario,
-                           first_epoch=half + 1, start=batch)
+                           first_epoch=half + 1, start=batch, earlier=trained)
     got = _run_policy(resumed, rest, dataset_size, estimates, problems, in_bounds, scenario,
-                      first_epoch=half + 1, start=batch)
+                      first_epoch=half + 1, start=batch, earlier=trained)
     if expected is not None and got is not None and expected != got:
         problems.append(
             f"scenario {scenario!r}: after load_state_dict(state_dict()) at epoch {half}, a fresh policy chose "

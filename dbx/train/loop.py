@@ -19,6 +19,7 @@ import torch
 
 from dbx.errors import RunFailed
 from dbx.protocols import DiversityEstimate, EpochState
+from dbx.train import throughput
 from dbx.train.lr import rescale_factor, scheduled_lr
 from dbx.train.parts import Parts
 from dbx.train.progress import EpochProgress
@@ -40,6 +41,7 @@ class RunState:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
+    throughput: throughput.Table = field(default_factory=dict)  # see dbx.train.throughput
 
 
 @dataclass
@@ -118,6 +120,7 @@ def fit(spec: Any, parts: Parts, tracker: Tracker, *, say: Callable[[str], None]
         state.optimizer_steps += steps
         state.train_seconds += epoch_seconds
         state.eval_seconds += eval_seconds
+        throughput.record(state.throughput, state.batch_size, seen, epoch_seconds, diversity)
         metrics = {
             "train_loss": train_loss, "test_loss": test_loss,
             "batch_size": float(state.batch_size), "lr": lr,
@@ -140,7 +143,8 @@ def fit(spec: Any, parts: Parts, tracker: Tracker, *, say: Callable[[str], None]
         epoch_state = EpochState(
             epoch=epoch, epochs=spec.epochs, step=state.optimizer_steps, batch_size=state.batch_size,
             lr=lr, samples_seen=state.samples_seen, dataset_size=loader.num_samples,
-            train_loss=train_loss, test_loss=test_loss, train_accuracy=train_acc, test_accuracy=test_acc)
+            train_loss=train_loss, test_loss=test_loss, train_accuracy=train_acc, test_accuracy=test_acc,
+            throughput=throughput.samples_per_second(state.throughput))
         new_batch = _checked_batch_size(policy.next_batch_size(epoch_state, diversity), spec.policy.name)
         if hasattr(policy, "metrics"):  # optional: a policy's own numbers, e.g. a smoothed noise scale
             metrics.update({f"policy/{key}": float(value) for key, value in policy.metrics().items()})
