@@ -121,14 +121,16 @@ class EpochState:
     None for regression tasks.
 
     ``throughput`` maps every batch size trained so far in this run (the epoch that just ended
-    included) to the samples per second its training steps ran at, over all epochs trained at
-    that size, on this machine: ``{32: 10250.0, 128: 18400.0}``. It is measured from the loop's
-    own epoch timings (no extra device syncs); evaluation is not in it, and neither is the time
-    the estimator reports for itself, so measuring and plain epochs are comparable. A resumed
-    run continues with the table of the run it resumes. It is empty only in a hand-built state.
-    Timings vary with the machine's load, so a policy that reads it is not bit-for-bit
-    reproducible across runs, even when its own arithmetic is deterministic. ``dbx``'s
-    ``goodput`` policy fits a step-time model to it.
+    included) to the samples per second its training steps ran at on this machine, in the
+    fastest epoch at that size: ``{32: 10250.0, 128: 18400.0}`` (the fastest, because other
+    processes and warm-up only ever slow an epoch down). It comes from the loop's own epoch
+    timings (no extra device syncs); evaluation is not in it, and neither is the time the
+    estimator reports for itself, so measuring and plain epochs are comparable. A resumed run
+    continues with the table of the run it resumes; the run's ``throughput.json`` artifact holds
+    it (with the means). It is empty only in a hand-built state. Timings vary with the
+    machine's load, so a policy that reads it is not bit-for-bit reproducible across runs, even
+    when its own arithmetic is deterministic. dbx's ``goodput`` policy fits a step-time model
+    to it.
 
     Anything a policy needs beyond this is a sign that this record should grow, in dbx: open an
     issue rather than reaching into the training loop.
@@ -167,11 +169,18 @@ class DiversityEstimate:
     Statistics a policy can derive (see ``docs/plugins.md`` and PAPER.md): with the true gradient
     G = E[g] and per-sample covariance Sigma,
 
-    - gradient noise scale (McCandlish et al. 2018), B_simple = tr(Sigma) / ||G||^2: to first
-      order ``m * value - 1``; unbiased from the sums, ``(m S1 - ||S2||^2) / (||S2||^2 - S1)``;
+    - gradient noise scale (McCandlish et al. 2018), B_simple = tr(Sigma) / ||G||^2: the ratio
+      of the unbiased estimates of tr(Sigma) and ||G||^2 (below) is exactly
+      ``(m S1 - ||S2||^2) / (||S2||^2 - S1) = (m value - 1) / (1 - value)``, about
+      ``m * value - 1`` when B_simple << m (``dbx.policies.goodput`` derives it). This holds for
+      gradients taken at one point, as the ``subsampled`` estimator takes them. Over an epoch of
+      moving weights (``exact``) ``||S2||^2`` also shrinks as the steps' gradients turn and
+      cancel along the way, and the same formula overstates the noise scale, by orders of
+      magnitude early in training (MNIST, small CNN, after one epoch at B = 32: about 160,000
+      from ``exact``, 560 to 800 from ``subsampled``);
     - the sample variance of the gradient (Byrd et al. 2012), trace form:
-      ``(S1 - ||S2||^2 / m) / (m - 1)``, and the squared norm of the mean gradient
-      ``||S2||^2 / m^2``.
+      ``(S1 - ||S2||^2 / m) / (m - 1)``, and the squared norm of the mean gradient, unbiased:
+      ``(||S2||^2 - S1) / (m (m - 1))`` (``||S2||^2 / m^2`` overstates it by ``tr(Sigma) / m``).
 
     ``per_layer`` maps a module path (``"layers.0"``) to the same ratio restricted to that layer's
     parameters (empty when the estimator does not compute it). ``seconds`` is the time the

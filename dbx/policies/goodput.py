@@ -8,8 +8,16 @@ Learning", OSDI 2021) asks both: it maximises
 
 where the throughput is measured (samples per second) and the efficiency is the progress a
 sample makes at batch size B relative to a sample at the small batch B0. This policy does the
-same on one device, with dbx's exact per-sample statistic as the noise estimate and the loop's
+same on one device, with dbx's per-sample gradient norms as the noise estimate and the loop's
 measured ``EpochState.throughput`` as the speed.
+
+Use it with the ``subsampled`` estimator (``estimator: {name: subsampled, params: {samples:
+2048}}``): the noise scale is a property of the gradients at one point, and ``subsampled`` takes
+its m samples at the fixed weights of the epoch's end. The ``exact`` estimator sums over an
+epoch of moving weights, where the steps' gradients also turn and cancel; the formula below then
+overstates the noise scale by orders of magnitude early in training (MNIST, small CNN, after one
+epoch at B = 32: about 160,000 from ``exact``, 560 to 800 from ``subsampled``), and goodput would
+jump straight to ``max``.
 
 The gradient noise scale from the diversity (the exact identity)
 ----------------------------------------------------------------
@@ -30,7 +38,9 @@ B_big = m. Their ratio is the "simple" noise scale B_simple = tr Sigma / ||G||^2
 So ``n * diversity = 1 + B_simple`` (the relation DiveBatch's docstring uses) holds only to
 first order, when B_simple << n: at D = 0.258 over n = 10,000 samples, n D - 1 = 2,579 while
 B_simple = 3,475. A diversity of 1 or more (or an infinite one: the summed gradient vanished)
-means the noise dominates: B_simple = inf, every batch size is fully efficient.
+means the noise dominates: B_simple = inf, every batch size is fully efficient. The
+``subsampled`` estimator's extrapolated sums (``samples`` = n) give the same B_simple as its m
+drawn samples do, so the formula applies to what it reports as it is.
 
 Efficiency, throughput, and the optimum
 ---------------------------------------
@@ -40,10 +50,11 @@ that is Pollux's efficiency (its Eq. for EFFICIENCY_t, with phi_t the noise scal
 
     E(B) = (B_simple + B0) / (B_simple + B)               (1 at B = B0, falling as B grows)
 
-The step time is fitted to the measured table as T(B) = a + b B (a: the fixed cost of a step,
-b: the cost per sample), by least squares in relative error with a, b >= 0, refitted after
-every epoch; THROUGHPUT(B) = B / T(B). For a batch size already trained, the measured throughput
-is used instead of the fit. With that model the goodput E(B) B / T(B) has one maximum,
+The step time is fitted to the measured table (per batch size, its fastest epoch: see
+``dbx.train.throughput``) as T(B) = a + b B (a: the fixed cost of a step, b: the cost per
+sample), by least squares in relative error with a, b >= 0, refitted after every epoch;
+THROUGHPUT(B) = B / T(B). For a batch size already trained, the measured throughput is used
+instead of the fit. With that model the goodput E(B) B / T(B) has one maximum,
 
     B* = sqrt(B_simple * a / b),
 
