@@ -205,8 +205,11 @@ class CheckpointSpec(_Section):
 
 
 def _sweep_key_problem(key: str) -> str | None:
-    path = _split_sweep_key(key)
-    return "a sweep cannot vary 'sweep' itself" if path[0] == "sweep" else _path_problem(path)
+    for path in sweep_key_paths(key):
+        message = "a sweep cannot vary 'sweep' itself" if path[0] == "sweep" else _path_problem(path)
+        if message:
+            return message
+    return None
 
 
 def _check_sweep_key(key: str) -> str:
@@ -353,6 +356,19 @@ def _split_key(key: str) -> Path:
 
 def _split_sweep_key(key: str) -> Path:
     return tuple(key.split("."))
+
+
+def _joint_value_problem(joint: list[Path], value: Any) -> str | None:
+    if len(joint) == 1 or (isinstance(value, list) and len(value) == len(joint)):
+        return None
+    keys = ", ".join(".".join(path) for path in joint)
+    return f"each value of a joint key must be a list of {len(joint)} values, one per key ({keys}), got {_format_value(value)}"
+
+
+def sweep_key_paths(key: str) -> list[Path]:
+    """The key paths one sweep key sets: ``"seed"`` -> ``[("seed",)]``; keys joined by ``+`` vary
+    together, one value per key in each entry: ``"policy+lr_scaling"`` -> ``[("policy",), ("lr_scaling",)]``."""
+    return [_split_sweep_key(part.strip()) for part in key.split("+")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -814,20 +830,21 @@ def expand_sweep(spec: Spec) -> list[tuple[str, Spec]]:
     base = spec.to_dict()
     base["sweep"] = None
     keys = list(spec.sweep)
-    paths = [_split_sweep_key(key) for key in keys]
-    places = {path: origin.where(("sweep", key)) for key, path in zip(keys, paths)}
+    paths = [sweep_key_paths(key) for key in keys]
+    places = {path: origin.where(("sweep", key)) for key, joint in zip(keys, paths) for path in joint}
     problems: dict[tuple[str, str, str], Problem] = {}
     points: list[tuple[str, Spec]] = []
     for values in itertools.product(*(spec.sweep[key] for key in keys)):
         label = ",".join(f"{key}={_format_value(value)}" for key, value in zip(keys, values))
         data = base
         point_problems: list[Problem] = []
-        for key, path, value in zip(keys, paths, values):
-            message = _sweep_key_problem(key)
-            if message is None:
-                data, message = _try_set(data, path, value)
+        for key, joint, value in zip(keys, paths, values):
+            message = _sweep_key_problem(key) or _joint_value_problem(joint, value)
+            for path, part in zip(joint, value if len(joint) > 1 else [value]):
+                if message is None:
+                    data, message = _try_set(data, path, part)
             if message is not None:
-                point_problems.append(Problem(places[path], f"sweep.{key}", message))
+                point_problems.append(Problem(places[joint[0]], f"sweep.{key}", message))
         point_origin = _Origin(origin.source, origin.path, origin.text, origin.lines, {**origin.assigned, **places})
         try:
             points.append((label, _validate(data, point_origin, point_problems)))

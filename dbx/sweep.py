@@ -163,15 +163,18 @@ def point_names(spec: Any) -> list[str]:
     Each varied key gives one token: ``policy.name: divebatch`` -> ``divebatch``,
     ``optimizer.lr: 0.1`` -> ``lr0.1``, a whole plugin block ``policy: {name: fixed, params:
     {batch_size: 32}}`` -> ``fixed-batch_size32`` (its params only where they tell same-named values
-    apart), ``seed: 3`` -> ``seed3``, always last. A grid that varies only the seed keeps the
-    spec's name: ``quickstart-seed3``. The name without its ``-seedN`` is the point's group in
-    ``dbx compare``.
+    apart), ``seed: 3`` -> ``seed3``, always last. A joint key (``policy+lr_scaling``) joins
+    the tokens of its parts: the first always, each other one where its value is not the spec's
+    own (``lr_scaling: none`` in a spec that says none adds nothing): ``divebatch`` and
+    ``divebatch-lr_scalinglinear``. A grid
+    that varies only the seed keeps the spec's name: ``quickstart-seed3``. The name without its
+    ``-seedN`` is the point's group in ``dbx compare``.
     """
     import itertools
 
     sweep = spec.sweep or {}
     keys = [k for k in sweep if k != "seed"]
-    tokens_per_key = [[_token(key, value, sweep[key]) for value in sweep[key]] for key in keys]
+    tokens_per_key = [_tokens(spec, key, sweep[key]) for key in keys]
     seeds = sweep.get("seed")
     names: list[str] = []
     for combo in itertools.product(*(range(len(sweep[k])) for k in sweep)):
@@ -186,6 +189,29 @@ def point_names(spec: Any) -> list[str]:
         seen[name] = seen.get(name, 0) + 1
         unique.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
     return unique
+
+
+def _tokens(spec: Any, key: str, values: list[Any]) -> list[str]:
+    """The name token of each value of one sweep key (see ``point_names``)."""
+    from dbx.spec import sweep_key_paths
+
+    paths = sweep_key_paths(key)
+    if len(paths) == 1:
+        return [_token(key, value, values) for value in values]
+    base = spec.to_dict()
+    columns = [[v[i] for v in values] for i in range(len(paths))]
+    own = [_token(".".join(path), _value_at(base, path), column) for path, column in zip(paths, columns)]
+    tokens = []
+    for value in values:
+        parts = [_token(".".join(path), part, column) for path, part, column in zip(paths, value, columns)]
+        tokens.append("-".join(p for i, p in enumerate(parts) if p and (i == 0 or p != own[i])))
+    return tokens
+
+
+def _value_at(data: Any, path: tuple[str, ...]) -> Any:
+    for part in path:
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
 
 
 def _token(key: str, value: Any, all_values: list[Any]) -> str:

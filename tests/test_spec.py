@@ -560,6 +560,26 @@ def test_a_bad_sweep_value_is_named_at_the_sweep_key_line():
     ]
 
 
+def test_keys_joined_by_plus_vary_together():
+    sweep = ("sweep:\n  seed: [0, 1]\n  policy+lr_scaling:\n    - [{name: fixed, params: {batch_size: 32}}, none]\n"
+             "    - [{name: divebatch}, linear]\n")
+    points = expand_sweep(parse_spec(MINIMAL + sweep, source="x.yaml"))
+    assert [(p.seed, p.policy.name, p.lr_scaling) for _, p in points] == [
+        (0, "fixed", "none"), (0, "divebatch", "linear"), (1, "fixed", "none"), (1, "divebatch", "linear")]
+    assert points[1][1].where("lr_scaling") == "x.yaml:15"  # the joint key's line
+
+
+def test_a_joint_key_needs_one_value_per_key_and_real_keys():
+    spec = parse_spec(MINIMAL + "sweep:\n  policy.name+lr_scaling: [[fixed, none], [divebatch]]\n", source="x.yaml")
+    with pytest.raises(SpecError) as caught:
+        expand_sweep(spec)
+    [problem] = caught.value.problems
+    assert (problem.where, problem.key) == ("x.yaml:14", "sweep.policy.name+lr_scaling")
+    assert "a list of 2 values, one per key (policy.name, lr_scaling), got [\"divebatch\"]" in problem.message
+    problem = only_problem(MINIMAL + "sweep:\n  policy.name+lr_scalin: [[fixed, none]]\n")
+    assert problem.key == "sweep.policy.name+lr_scalin" and "Did you mean 'lr_scaling'?" in problem.message
+
+
 def test_a_sweep_needs_values():
     problem = only_problem(MINIMAL + "sweep: {seed: []}\n")
     assert (problem.where, problem.key) == ("x.yaml:13", "sweep.seed")

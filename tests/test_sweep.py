@@ -46,6 +46,15 @@ def test_run_names_say_what_each_point_varies():
           - {name: fixed, params: {batch_size: 1024}}
           - {name: adabatch, params: {initial: 16}}
         """) == ["fixed-batch_size16-seed0", "fixed-batch_size1024-seed0", "adabatch-seed0"]
+    # keys that vary together: the first names the point, a later value that is the spec's own adds nothing
+    assert names_of("""\
+        policy+estimator+lr_scaling:
+          - [{name: fixed, params: {batch_size: 16}}, {name: exact}, none]
+          - [{name: divebatch}, {name: exact}, none]
+          - [{name: divebatch}, {name: exact}, linear]
+          - [{name: divebatch}, {name: subsampled}, none]
+        """, base=BASE + "estimator: {name: exact}\n") == [
+        "fixed-seed0", "divebatch-seed0", "divebatch-lr_scalinglinear-seed0", "divebatch-subsampled-seed0"]
 
 
 def runs_of(uri: str):
@@ -127,7 +136,7 @@ def test_the_synthetic_specs_are_valid_and_the_sweep_is_the_four_methods_times_f
 
     folder = Path(__file__).resolve().parent.parent / "experiments" / "synthetic"
     specs = {p.stem: check_spec_file(str(p)) for p in sorted(folder.glob("*.yaml"))}
-    assert set(specs) == {"sgd_small", "sgd_large", "adabatch", "divebatch", "sweep"}
+    assert set(specs) >= {"sgd_small", "sgd_large", "adabatch", "divebatch", "sweep"}
     sweep = specs.pop("sweep")
     assert [p["name"] for p in sweep.sweep["policy"]] == ["fixed", "fixed", "adabatch", "divebatch"]
     for single, value in zip(("sgd_small", "sgd_large", "adabatch", "divebatch"), sweep.sweep["policy"], strict=True):
@@ -156,3 +165,24 @@ def test_ctrl_c_in_a_point_stops_the_sweep_and_marks_the_parent_killed(tmp_path,
     assert calls == ["fixed-seed0", "fixed-seed1"] and "(2 not started)" in result.output
     _, [parent] = runs_of(uri)
     assert parent.info.status == "KILLED"
+
+
+def test_the_goodput_sweeps_are_the_single_specs_of_their_folder_side_by_side():
+    from pathlib import Path
+
+    from dbx.checks import check_spec_file
+    from dbx.spec import expand_sweep
+
+    experiments = Path(__file__).resolve().parent.parent / "experiments"
+    methods = ["sgd_small", "sgd_large", "adabatch", "divebatch", "divebatch_rescale", "goodput", "goodput_rescale"]
+    for folder, seeds in (("cpu", 3), ("synthetic", 5)):
+        sweep = check_spec_file(str(experiments / folder / "goodput_sweep.yaml"))
+        points = [point for _, point in expand_sweep(sweep)]
+        assert len(points) == seeds * len(methods) and [p.seed for p in points[::len(methods)]] == list(range(seeds))
+        for method, point in zip(methods, points, strict=False):  # the first seed's points, in order
+            single = check_spec_file(str(experiments / folder / f"{method}.yaml"))
+            assert point.policy == single.policy and point.lr_scaling == single.lr_scaling, (folder, method)
+            assert (point.data, point.model, point.optimizer, point.epochs) == (
+                single.data, single.model, single.optimizer, single.epochs), (folder, method)
+            if single.policy.name in ("divebatch", "goodput"):
+                assert point.estimator == single.estimator, (folder, method)
