@@ -279,10 +279,13 @@ class Spec(_Section):
         return self.model_dump(mode="json")
 
     def flat_params(self) -> dict[str, str]:
-        """``{"optimizer.lr": "0.1", ...}``: the resolved spec as flat strings, for MLflow params."""
+        """``{"optimizer.lr": "0.1", ...}``: the resolved spec as flat strings, for MLflow params.
+
+        MLflow refuses ``+`` in a param name, so a joint sweep key ``policy+lr_scaling`` is
+        logged as ``sweep.policy/lr_scaling``."""
         flat: dict[str, str] = {}
         _flatten(self.to_dict(), (), flat)
-        return flat
+        return {key.replace("+", "/"): value for key, value in flat.items()}
 
     def resolved_yaml(self) -> str:
         """YAML text of ``to_dict()``: what actually ran, saved beside the spec as given."""

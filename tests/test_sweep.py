@@ -93,6 +93,20 @@ def test_a_sweep_is_a_parent_run_with_named_nested_runs_and_its_comparison(tmp_p
     assert [line.split(",")[0] for line in compared.output.splitlines()[1:]] == ["fixed", "divebatch"]
 
 
+def test_a_sweep_with_a_joint_key_runs_and_logs_it(tmp_path):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(BASE + "sweep:\n  policy.params.batch_size+lr_scaling: [[16, none], [32, linear]]\n")
+    uri = f"sqlite:///{tmp_path}/m.db"
+    result = CliRunner().invoke(main, ["run", str(spec), "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    client, runs = runs_of(uri)
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.data.params["sweep.policy.params.batch_size/lr_scaling"] == '[[16, "none"], [32, "linear"]]'
+    children = {r.info.run_name: r for r in runs if r is not parent}
+    assert set(children) == {"batch_size16-seed0", "batch_size32-lr_scalinglinear-seed0"}
+    assert children["batch_size32-lr_scalinglinear-seed0"].data.params["lr_scaling"] == "linear"
+
+
 def test_a_failed_point_is_marked_failed_and_the_sweep_goes_on(tmp_path):
     # lr 1e12 diverges (a RunFailed while training); batch_size -1 is refused by the policy (a
     # UserError before training): both points are FAILED runs, the others train, exit code 1.
