@@ -96,3 +96,10 @@ def test_a_goodput_run_logs_its_reasons_and_the_throughput_table(tmp_path, monke
     rows = json.loads(Path(client.download_artifacts(run.info.run_id, "throughput.json", str(tmp_path))).read_text())
     assert [row["batch_size"] for row in rows] == sizes
     assert sum(row["epochs"] for row in rows) == 3 and all(row["best_samples_per_second"] > 0 for row in rows)
+
+    # resume from epoch 2: the table comes back with the checkpoint, and the replayed decision agrees
+    [folder] = (tmp_path / "dbx-checkpoints").iterdir()
+    (folder / "epoch-0003.ckpt").unlink()
+    result = CliRunner().invoke(main, ["resume", run.info.run_id, "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    assert "after epoch 2" in result.output and "WARNING" not in result.output

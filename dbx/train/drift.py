@@ -90,7 +90,9 @@ def _reloaded(saved: Any, plugin: Any, who: str) -> str | None:
 
 
 def _replay(decision: dict[str, Any], build_policy: Callable[[], Any], name: str, saved_after: Any) -> str | None:
-    epoch_state = EpochState(**decision["epoch_state"])
+    saved = decision["epoch_state"]  # JSON text: the throughput table's batch sizes came back as strings
+    throughput = {int(batch): rate for batch, rate in saved.get("throughput", {}).items()}
+    epoch_state = EpochState(**{**saved, "throughput": throughput})
     diversity = None if decision["diversity"] is None else DiversityEstimate(**decision["diversity"])
     fresh = build_policy()
     fresh.load_state_dict(decode_state(decision["policy_state"]))
