@@ -210,6 +210,18 @@ def test_its_decisions_are_explained_by_its_metrics():
     assert m["probe"] == 0.0
 
 
+def test_adascale_scales_the_lr_linearly_below_the_noise_scale_and_saturates_above_it():
+    policy = Goodput(initial=32, adascale=True)
+    assert policy.lr_factor(32, 64) == 1.0  # no estimate yet
+    policy.next_batch_size(epoch_state(1, 32, throughput={32: 3200.0}), diversity_estimate(10_000.0))
+    assert policy.lr_factor(32, 64) == pytest.approx(2 * 10_032 / 10_064)  # about linear
+    gain = policy.lr_factor(32, 10**7)
+    assert gain == pytest.approx((10**7 / (10_000 + 10**7)) / (32 / 10_032))  # at most 1 + B_simple / B0
+    assert gain < 1 + 10_000 / 32
+    assert policy.lr_factor(64, 32) == pytest.approx(1 / policy.lr_factor(32, 64))
+    assert Goodput(initial=32).lr_factor(32, 64) == 1.0  # off: the spec's lr_scaling alone
+
+
 # -- resume and the dbx contract -----------------------------------------------------------------------
 
 def test_a_resumed_policy_continues_exactly():
@@ -229,7 +241,7 @@ def test_a_resumed_policy_continues_exactly():
 
 
 @pytest.mark.parametrize("params", [{}, {"initial": 32, "max": 512, "measure_every": 2, "smoothing": 0.7},
-                                    {"initial": 64, "min": 8, "max": 64}])
+                                    {"initial": 64, "min": 8, "max": 64}, {"initial": 32, "adascale": True}])
 def test_goodput_keeps_the_policy_contract(params):
     low = params.get("min", params.get("initial", 128))
     check_policy(Goodput, dataset_size=50_000, params=params, bounds=(low, params.get("max", 2048)))
@@ -244,6 +256,7 @@ def test_goodput_keeps_the_policy_contract(params):
     ({"smoothing": 1.0}, "smoothing must be a finite number >= 0 and < 1"),
     ({"probe_factor": 1.0}, "probe_factor must be a finite number > 1"),
     ({"hysteresis": math.nan}, "hysteresis must be a finite number"),
+    ({"adascale": 1}, "adascale must be true or false"),
 ])
 def test_bad_parameters_are_refused_naming_the_parameter(params, message):
     with pytest.raises(ValueError) as error:

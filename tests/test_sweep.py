@@ -188,8 +188,8 @@ def test_the_goodput_sweeps_are_the_single_specs_of_their_folder_side_by_side():
     from dbx.spec import expand_sweep
 
     experiments = Path(__file__).resolve().parent.parent / "experiments"
-    methods = ["sgd_small", "sgd_large", "adabatch", "divebatch", "divebatch_rescale", "goodput", "goodput_rescale"]
-    for folder, seeds in (("cpu", 3), ("synthetic", 5)):
+    common = ["sgd_small", "sgd_large", "adabatch", "divebatch", "divebatch_rescale", "goodput", "goodput_rescale"]
+    for folder, seeds, methods in (("cpu", 3, [*common, "goodput_adascale"]), ("synthetic", 5, common)):
         sweep = check_spec_file(str(experiments / folder / "goodput_sweep.yaml"))
         points = [point for _, point in expand_sweep(sweep)]
         assert len(points) == seeds * len(methods) and [p.seed for p in points[::len(methods)]] == list(range(seeds))

@@ -80,9 +80,14 @@ The decision after each epoch (``next_batch_size``)
    at ``max``), once, so that the fit gets its second point.
 5. Until the first estimate, and when the table is empty (a hand-built ``EpochState``), B stays.
 
-The learning rate follows the spec's ``lr_scaling`` rule, as for every policy (McCandlish's model
-assumes the best lr at each B, which grows with B below the noise scale: ``lr_scaling: linear``
-or ``sqrt`` is the consistent choice). B may shrink as well as grow, within [min, max].
+The learning rate follows the spec's ``lr_scaling`` rule, as for every policy. McCandlish's model
+assumes the best lr at each B, which grows with B below the noise scale and stops growing above
+it; ``adascale: true`` applies that rule itself, as Pollux does with AdaScale (Johnson, Agrawal,
+Gu and Guestrin, "AdaScale SGD", ICML 2020): the lr gain of batch size B over B0 is
+``(B / B0) E(B)`` (linear while B << B_simple, at most ``1 + B_simple / B0``), and when B changes
+the lr is multiplied by the ratio of the new gain to the old one at the current noise scale
+(``lr_factor``; set ``lr_scaling: none`` then, or both apply). B may shrink as well as grow,
+within [min, max].
 
 Logged through ``metrics()`` as ``policy/<key>`` after each decision: ``noise_scale``
 (B_simple), ``efficiency`` (E of the chosen B), ``predicted_throughput`` (samples/s),
@@ -117,13 +122,14 @@ class Goodput:
     - ``smoothing``: in [0, 1), the weight of the old noise estimate in its moving average.
     - ``probe_factor``: > 1, how far the one probe epoch moves B when the step-time fit is
       underdetermined (one batch size measured) and the prior would keep B.
+    - ``adascale``: rescale the lr by AdaScale's gain ratio when B changes (module docstring).
     """
 
     uses_diversity = True
 
     def __init__(self, *, initial: int = 128, min: int | None = None, max: int = 2048,
                  measure_every: int = 1, hysteresis: float = 0.05, smoothing: float = 0.0,
-                 probe_factor: float = 2.0) -> None:
+                 probe_factor: float = 2.0, adascale: bool = False) -> None:
         self.initial = positive_int("initial", initial)
         self.min = positive_int("min", min) if min is not None else self.initial
         self.max = at_least("max", positive_int("max", max), "initial", initial)
@@ -133,6 +139,9 @@ class Goodput:
         self.hysteresis = _number("hysteresis", hysteresis, low=0.0)
         self.smoothing = _number("smoothing", smoothing, low=0.0, high=1.0)
         self.probe_factor = _number("probe_factor", probe_factor, low=1.0, low_open=True)
+        if not isinstance(adascale, bool):
+            raise ValueError(f"adascale must be true or false, got {adascale!r}")
+        self.adascale = adascale
         self.batch_size = self.initial
         self.grad_sq: float | None = None  # moving averages of the unbiased ||G||^2 and tr(Sigma)
         self.trace: float | None = None
@@ -178,6 +187,15 @@ class Goodput:
         if math.isfinite(phi):
             self._metrics["noise_scale"] = phi
         return best
+
+    def lr_factor(self, old: int, new: int) -> float:
+        """With ``adascale``: gain(new) / gain(old), gain(B) = (B / B0) E(B); else 1 (the spec's rule only)."""
+        phi = self.noise_scale()
+        if not self.adascale or phi is None:
+            return 1.0
+        if math.isinf(phi):
+            return new / old
+        return (new / (phi + new)) / (old / (phi + old))
 
     def metrics(self) -> dict[str, float]:
         """The numbers behind the last decision (dbx logs each as ``policy/<key>``)."""
