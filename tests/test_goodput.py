@@ -110,11 +110,18 @@ def test_the_closed_form_optimum_is_the_brute_force_one(noise, fixed, per_sample
 def test_it_settles_on_the_known_optimum():
     step = machine(2e-3, 2e-5)  # a / b = 100 samples
     noise = 900.0  # B* = sqrt(900 * 100) = 300
-    used = drive(Goodput(initial=32, max=2048), 8, lambda e: noise, step)
-    assert used[0] == 32
-    assert used[1] == round(math.sqrt(noise * 32))  # the prior: half of the step at 32 is fixed cost
-    assert used[2:] == [300] * 6
+    used = drive(Goodput(initial=32, max=2048, hysteresis=0.0), 8, lambda e: noise, step)
+    # into untried sizes at most probe_factor (2) beyond the measured ones, then the optimum
+    assert used == [32, 64, 128, 256, 300, 300, 300, 300]
     assert used[-1] == brute_force_optimum(noise, step, 32, 2048, 32)
+    # with the default hysteresis it stops at 256, whose goodput is within 5 % of 300's
+    assert drive(Goodput(initial=32, max=2048), 8, lambda e: noise, step)[3:] == [256] * 5
+
+
+def test_the_fit_is_trusted_only_near_the_measured_sizes():
+    policy = Goodput(initial=32, max=4096, probe_factor=2.0)
+    table = throughput_table(machine(1e-2, 1e-6), [32, 100])  # the fit says: as large as possible
+    assert policy.next_batch_size(epoch_state(2, 100, throughput=table), diversity_estimate(1e6)) == 200
 
 
 def test_it_follows_a_growing_noise_scale_within_the_hysteresis():
@@ -151,8 +158,8 @@ def test_saturating_hardware_gets_a_smaller_batch_than_divebatch_and_growing_har
                                 estimates=lambda e: diversity_estimate(noise, samples=n))
     assert divebatch[-1] == int(delta * n * (1 + noise) / (n + noise))  # delta n D = 370, about delta B_simple
     exact = dict(initial=32, max=4096, hysteresis=0.0)  # the optimum itself, not a size within 5 % of it
-    saturating = drive(Goodput(**exact), 6, lambda e: noise, machine(1e-4, 1e-5))  # a / b = 10
-    growing = drive(Goodput(**exact), 6, lambda e: noise, machine(1e-2, 1e-6))  # a / b = 10,000
+    saturating = drive(Goodput(**exact), 10, lambda e: noise, machine(1e-4, 1e-5))  # a / b = 10
+    growing = drive(Goodput(**exact), 10, lambda e: noise, machine(1e-2, 1e-6))  # a / b = 10,000
     assert saturating[-1] == round(math.sqrt(noise * 10)) < divebatch[-1]
     assert growing[-1] == 4096 > divebatch[-1]
 
@@ -198,7 +205,7 @@ def test_it_waits_for_an_estimate_and_for_timings_before_it_moves():
 def test_its_decisions_are_explained_by_its_metrics():
     step = machine(2e-3, 2e-5)
     policy = Goodput(initial=32, max=2048)
-    chosen = policy.next_batch_size(epoch_state(2, 32, throughput=throughput_table(step, [32, 64])),
+    chosen = policy.next_batch_size(epoch_state(2, 32, throughput=throughput_table(step, [32, 256])),
                                     diversity_estimate(900.0))
     m = policy.metrics()
     assert chosen == 300

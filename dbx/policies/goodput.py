@@ -69,8 +69,12 @@ The decision after each epoch (``next_batch_size``)
 1. A measuring epoch (every ``measure_every`` epochs, starting with the first) updates the noise
    estimate: the two unbiased terms above, each an exponential moving average with weight
    ``smoothing`` on the old value (0: use the latest epoch only), and B_simple their ratio.
-2. The candidates are ``min``, ``max``, B* (clipped), every batch size in the throughput table
-   and the current one; the one with the highest predicted goodput wins.
+2. The candidates are every batch size in the throughput table (at their measured throughput)
+   and, from the fit, B*, ``min`` and ``max``, each clipped to the trust region: at most
+   ``probe_factor`` times beyond the measured sizes (``[smallest / f, largest x f]``), because
+   a straight line fitted to a few noisy timings says little far from them. The one with the
+   highest predicted goodput wins. So B grows (or shrinks) by at most ``probe_factor`` per epoch
+   into untried sizes, and each step adds a measurement to the fit.
 3. Hysteresis: B changes only if the winner's predicted goodput beats the current size's by more
    than ``hysteresis`` (a fraction). Near its optimum the goodput curve is flat, so a noisy
    estimate does not make B swing back and forth.
@@ -120,7 +124,8 @@ class Goodput:
       epoch costs the estimator's overhead: about 1.1x a plain epoch with ``exact`` on a CPU).
     - ``hysteresis``: the predicted gain (a fraction, e.g. 0.05 for 5 %) a change must bring.
     - ``smoothing``: in [0, 1), the weight of the old noise estimate in its moving average.
-    - ``probe_factor``: > 1, how far the one probe epoch moves B when the step-time fit is
+    - ``probe_factor``: > 1, how far beyond the measured batch sizes an untried one may be (the
+      trust region of the step-time fit), and how far the one probe epoch moves B when the fit is
       underdetermined (one batch size measured) and the prior would keep B.
     - ``adascale``: rescale the lr by AdaScale's gain ratio when B changes (module docstring).
     """
@@ -170,8 +175,11 @@ class Goodput:
             return efficiency(phi, batch, self.initial) * throughput_of(batch, table, model)
 
         current = state.batch_size
-        candidates = {self.min, self.max, current, self._clip(optimal_batch_size(phi, *model, self.max))}
-        candidates |= {b for b in table if self.min <= b <= self.max}
+        low = max(self.min, math.ceil(min(table) / self.probe_factor))  # the fit's trust region
+        high = min(self.max, math.floor(max(table) * self.probe_factor))
+        untried = {self.min, self.max, optimal_batch_size(phi, *model, self.max)}
+        candidates = {current} | {b for b in table if self.min <= b <= self.max}
+        candidates |= {int(min(max(round(b), low), high)) for b in untried if not math.isnan(b)}
         best = max(sorted(candidates), key=goodput)  # sorted: ties go to the smallest, deterministically
         if goodput(best) <= (1.0 + self.hysteresis) * goodput(current):
             best = current
