@@ -94,7 +94,7 @@ the lr is multiplied by the ratio of the new gain to the old one at the current 
 within [min, max].
 
 Logged through ``metrics()`` as ``policy/<key>`` after each decision: ``noise_scale``
-(B_simple), ``efficiency`` (E of the chosen B), ``predicted_throughput`` (samples/s),
+(B_simple; left out while it is infinite), ``efficiency`` (E of the chosen B), ``predicted_throughput`` (samples/s),
 ``predicted_goodput`` (throughput x efficiency: B0-equivalent samples per second),
 ``step_fixed_seconds`` (a) and ``step_seconds_per_sample`` (b), and ``probe`` (1 when the next
 epoch is a probe). The run's ``throughput.json`` artifact holds the measured table.
