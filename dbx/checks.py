@@ -5,7 +5,7 @@ without importing anything heavy, and these checks can report against the spec's
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 from dbx import registry
 from dbx.errors import UserError
@@ -20,8 +20,12 @@ def plugin_problems(spec: Spec) -> list[Problem]:
     return _plugin_problems(spec.to_dict(), spec.where)
 
 
-def _plugin_problems(data: dict[str, Any], where: Callable[[tuple[str, ...]], str]) -> list[Problem]:
-    """The same checks on a spec as read, so they also run when the schema has other problems."""
+def _plugin_problems(data: dict[str, Any], where: Callable[[tuple[str, ...]], str],
+                     poisoned: Collection[tuple[str, ...]] = ()) -> list[Problem]:
+    """The same checks on a spec as read, so they also run when the schema has other problems.
+
+    A param that holds a value the reader could not read (``poisoned``: already reported) is
+    not checked again."""
     problems: list[Problem] = []
     for section, kind in SECTIONS.items():
         ref = data.get(section)
@@ -30,6 +34,9 @@ def _plugin_problems(data: dict[str, Any], where: Callable[[tuple[str, ...]], st
         if not isinstance(ref, dict) or not isinstance(ref.get("name"), str):
             continue  # the schema check reports a missing or malformed section
         params = ref.get("params") or {}
+        if isinstance(params, dict) and poisoned:
+            params = {k: v for k, v in params.items()
+                      if not any(p[:3] == (section, "params", k) for p in poisoned)}
         try:
             registry.info(kind, ref["name"])
             found = registry.check_params(kind, ref["name"], dict(params)) if isinstance(params, dict) else []
@@ -48,7 +55,7 @@ def check_spec_file(path: str, overrides: Sequence[str] = ()) -> Spec:
         spec = load_spec(path, overrides)
     except SpecError as exc:
         if isinstance(exc.data, dict):
-            extra = [p for p in _plugin_problems(exc.data, exc.where) if p not in exc.problems]
+            extra = [p for p in _plugin_problems(exc.data, exc.where, exc.poisoned) if p not in exc.problems]
             if extra:
                 raise SpecError(_in_file_order(exc.problems + extra)) from None
         raise

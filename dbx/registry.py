@@ -207,13 +207,25 @@ def check_params(kind: str, name: str, params: dict[str, Any]) -> list[tuple[tup
         except ValidationError as exc:
             first = exc.errors()[0]
             expects = "" if typing.get_origin(annotation) is typing.Literal else f"; {name} expects {_type_name(annotation)}"
-            problems.append(((key,), f"{first['msg']} (got {value!r}{expects})"))
+            problems.append(((key,), f"{first['msg']} (got {_shown(value)}{expects})"))
         except Exception:  # noqa: BLE001 - an annotation pydantic cannot handle is not the user's fault
             continue
     for key, param in schema.items():
         if param.required and key not in params:
             problems.append(((key,), f"missing required parameter {key!r} for {kind} {name!r}"))
     return problems
+
+
+def _shown(value: Any, width: int = 60) -> str:
+    """``repr(value)``, cut to ``width`` characters: a message is one line, whatever the value."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlist = short.maxdict = short.maxtuple = short.maxset = 4
+    short.maxstring = short.maxother = width
+    short.maxlevel = 2
+    shortened = short.repr(value)
+    return shortened if len(shortened) <= width else shortened[: width - 3] + "..."
 
 
 def _strict_for(annotation: Any, value: Any) -> bool:

@@ -160,5 +160,8 @@ def _val_samples(folder: str, index: dict[str, int]) -> list[tuple[str, int]]:
             if len(fields) < 2 or fields[1] not in index:
                 raise UserError(f"{annotations}:{number}: expected '<image>\\t<wnid listed in wnids.txt>', "
                                 f"got {line.strip()!r}")
+            if os.path.basename(fields[0]) != fields[0] or fields[0] in (".", ".."):
+                raise UserError(f"{annotations}:{number}: image {fields[0]!r} is not a file name in val/images "
+                                f"(a path leading elsewhere); the file is not the official one: unzip {URL} again")
             samples.append((os.path.join(folder, "val", "images", fields[0]), index[fields[1]]))
     return sorted(samples)
