@@ -15,7 +15,7 @@ Say = Callable[[str], None]
 def run_spec(path: str, overrides: Sequence[str] = (), *, tracking_uri: str | None = None,
              experiment: str | None = None, say: Say = print, dry_run: bool = False) -> int:
     """Run the spec at ``path`` (each point of its sweep, if it has one); return the exit code."""
-    spec = check_spec_file(path, overrides)
+    spec = check_spec_file(path, overrides, warn=say)
     from dbx import sweep
 
     if dry_run:

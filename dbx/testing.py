@@ -30,6 +30,7 @@ from dbx.errors import UserError
 from dbx.plugin_state import decode_state, encode_state, state_differences
 from dbx.protocols import BatchSizePolicy, DataSplits, DiversityEstimate, DiversityEstimator, EpochState
 from dbx.registry import INJECTED as _INJECTED
+from dbx.registry import signature_problems, type_error
 
 __all__ = [
     "ContractError",
@@ -136,39 +137,13 @@ def _require_protocol(obj: Any, name: str, protocol: type, methods: tuple[str, .
 
 def _schema_problems(kind: str, factory: Any, params: dict[str, Any]) -> list[str]:
     """What keeps ``factory``'s signature from serving as dbx's parameter schema, and bad ``params``."""
-    if not callable(factory):
-        return [f"the entry point must name a class or function, got {type(factory).__name__}"]
+    problems = signature_problems(kind, factory)
     try:
         signature = inspect.signature(factory)
-    except (TypeError, ValueError) as exc:
-        return [f"its signature cannot be read ({exc}); dbx needs it as the parameter schema"]
-    target = factory.__init__ if inspect.isclass(factory) else factory
-    try:
-        hints = typing.get_type_hints(target)
-    except Exception as exc:  # noqa: BLE001 - whatever breaks the hints, the author must fix it
-        return [f"its type hints cannot be resolved ({type(exc).__name__}: {exc}); dbx could not check "
-                f"params against them (import every name a hint uses, outside TYPE_CHECKING)"]
-    problems = []
+        hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
+    except Exception:  # noqa: BLE001 - signature_problems said why
+        return problems
     injected = _INJECTED[kind]
-    for p in signature.parameters.values():
-        if p.kind is p.VAR_KEYWORD:
-            continue
-        if p.kind is p.VAR_POSITIONAL:
-            problems.append(f"it takes *{p.name}; dbx passes keywords only: remove it")
-            continue
-        if p.kind is not p.KEYWORD_ONLY:
-            problems.append(f"parameter {p.name!r} is not keyword-only; put a bare * before the parameters "
-                            f"(def __init__(self, *, {p.name}...)) so the signature is the schema")
-        if p.name in injected:
-            continue
-        if p.name not in hints:
-            problems.append(f"parameter {p.name!r} has no type hint; dbx validates spec params against the "
-                            f"hints (e.g. {p.name}: int = ...)")
-            continue
-        if p.default is not inspect.Parameter.empty:
-            error = _type_error(hints[p.name], p.default)
-            if error:
-                problems.append(f"the default of {p.name!r} ({p.default!r}) does not match its type hint: {error}")
     schema = {p.name for p in signature.parameters.values()
               if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in injected}
     takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
@@ -178,7 +153,7 @@ def _schema_problems(kind: str, factory: Any, params: dict[str, Any]) -> list[st
         elif key not in schema and not takes_any:
             problems.append(f"params sets {key!r}, which the signature does not accept")
         elif key in hints:
-            error = _type_error(hints[key], value)
+            error = type_error(hints[key], value)
             if error:
                 problems.append(f"params {key}={value!r} does not match its type hint: {error}")
     for p in signature.parameters.values():
@@ -186,21 +161,6 @@ def _schema_problems(kind: str, factory: Any, params: dict[str, Any]) -> list[st
                 and p.name not in injected and p.name not in params):
             problems.append(f"parameter {p.name!r} is required but not in params; pass a value to the check")
     return problems
-
-
-def _type_error(annotation: Any, value: Any) -> str | None:
-    """How ``value`` fails ``annotation`` under the rules ``dbx validate`` applies, or None."""
-    if annotation is Any:
-        return None
-    from pydantic import TypeAdapter, ValidationError
-
-    try:
-        TypeAdapter(annotation).validate_python(value, strict=not isinstance(value, int))
-    except ValidationError as exc:
-        return exc.errors()[0]["msg"]
-    except Exception:  # noqa: BLE001 - a hint pydantic cannot handle is accepted as-is by dbx too
-        return None
-    return None
 
 
 def _construct(kind: str, factory: Any, params: dict[str, Any], injected: dict[str, Any],
