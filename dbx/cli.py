@@ -190,7 +190,7 @@ def plugins(ctx: click.Context, check: bool) -> None:
     The NAME column is what a spec uses, e.g. policy: {name: divebatch}.
 
     \b
-    Write your own:  dbx plugins new policy myrule   (then see docs/plugins.md)
+    Write your own:  dbx plugins new policy|estimator|model|dataset NAME   (then see docs/plugins.md)
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -205,28 +205,37 @@ def new() -> None:
     """Start a plugin package of your own, from a template."""
 
 
-@new.command("policy")
-@click.argument("name")
-@click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False),
-              help="Folder in which to create the package folder dbx-NAME.")
-@click.option("--debug", is_flag=True, help="Show full tracebacks.")
-def new_policy(name: str, directory: str, debug: bool) -> None:
-    """Write a batch-size policy package NAME: setup.cfg with the entry point, a documented
-    policy module, a test that runs dbx's contract checks, an example spec and a README.
+def _new_command(kind: str) -> None:
+    """``dbx plugins new KIND NAME`` for one kind (the four differ only in words)."""
+    from dbx.scaffold import KINDS
+
+    title, section, _ = KINDS[kind]
+
+    @new.command(kind, help=f"""Write a {title} package NAME: setup.cfg with the entry point, a documented
+    {kind} module to edit, tests that run dbx's contract checks, an example spec and a README.
 
     \b
     Example:
-      dbx plugins new policy myrule
-      pip install -e dbx-myrule && pytest dbx-myrule && dbx run dbx-myrule/example.yaml
-    """
-    from dbx.scaffold import new_policy_package
+      dbx plugins new {kind} my{kind}
+      pip install -e dbx-my{kind} && pytest dbx-my{kind} && dbx run dbx-my{kind}/example.yaml
+    """)
+    @click.argument("name")
+    @click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False),
+                  help="Folder in which to create the package folder dbx-NAME.")
+    @click.option("--debug", is_flag=True, help="Show full tracebacks.")
+    def command(name: str, directory: str, debug: bool) -> None:
+        from dbx.scaffold import new_package
 
-    folder = _guarded(debug, lambda: new_policy_package(name, directory))
-    click.echo(f"created {folder}")
-    click.echo("next:")
-    click.echo(f"  pip install -e {folder}        # registers policy {name!r} with dbx")
-    click.echo(f"  pytest {folder}                # the contract checks and your rule's tests")
-    click.echo(f"  dbx run {folder}/example.yaml  # a one-minute run, logged to MLflow")
+        folder = _guarded(debug, lambda: new_package(kind, name, directory))
+        click.echo(f"created {folder}")
+        click.echo("next:")
+        click.echo(f"  pip install -e {folder}        # registers {kind} {name!r} with dbx ({section}: {{name: {name}}})")
+        click.echo(f"  pytest {folder}                # the contract checks and your {kind}'s tests")
+        click.echo(f"  dbx run {folder}/example.yaml  # a one-minute run, logged to MLflow")
+
+
+for _kind in ("policy", "estimator", "model", "dataset"):
+    _new_command(_kind)
 
 
 @main.command()
