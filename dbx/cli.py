@@ -179,6 +179,34 @@ def validate(spec_paths: tuple[str, ...], overrides: tuple[str, ...], strict: bo
         sys.exit(2)
 
 
+@main.command("spec")
+@click.option("--markdown", is_flag=True, help="The reference as Markdown (what docs/spec.md holds), not a YAML spec.")
+@click.option("--output", "-o", default=None, metavar="FILE", type=click.Path(dir_okay=False),
+              help="Write to FILE instead of printing.")
+def spec_command(markdown: bool, output: str | None) -> None:
+    """Every key a spec may hold, from the schema itself: as a YAML spec with every default
+    filled in and each key described (a starting point), or with --markdown as the reference.
+
+    \b
+    Examples:
+      dbx spec > my_spec.yaml                          # then fill in the required keys
+      dbx spec --markdown --output docs/spec.md        # regenerate the reference
+    """
+    from dbx.spec_reference import markdown_reference, yaml_template
+
+    text = markdown_reference() if markdown else yaml_template()
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        with open(output, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as exc:
+        click.echo(f"error: cannot write {output}: {exc.strerror or exc}", err=True)
+        sys.exit(2)
+    click.echo(f"wrote {output}")
+
+
 @main.group(invoke_without_command=True)
 @click.option("--check", is_flag=True, help="Also import every plugin and report each one that fails.")
 @click.pass_context

@@ -5,7 +5,7 @@ Files: ``<root>/cifar-10-batches-py/{data_batch_1..5, test_batch}`` and
 ``torchvision.datasets.CIFAR10/100(root, download=True)``) create. ``root`` may also be that folder
 itself. Nothing is downloaded unless ``download: true``.
 
-Training augmentation as PAPER.md: random crop 32 with padding 4 and horizontal flip; CIFAR-100
+Training augmentation as in the paper (docs/algorithm.md): random crop 32 with padding 4 and horizontal flip; CIFAR-100
 adds a random rotation of up to 15 degrees. Normalisation with the means and standard deviations
 the authors' code used (pytorch-cifar for CIFAR-10, pytorch-cifar100 for CIFAR-100). By default the
 whole dataset lives on the training device and is augmented there in batches (see

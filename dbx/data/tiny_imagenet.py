@@ -11,7 +11,7 @@ Layout (as in http://cs231n.stanford.edu/tiny-imagenet-200.zip, extracted)::
 The validation split (labelled) is the test split; the official test split has no labels. Class
 indices follow the sorted wnids (as ``torchvision.datasets.ImageFolder`` would number them).
 
-Transforms as PAPER.md (the authors' ImageNet recipe at 224 px): training
+Transforms as in the paper (docs/algorithm.md; the authors' ImageNet recipe at 224 px): training
 ``RandomResizedCrop(224) + RandomHorizontalFlip``, evaluation ``Resize(256) + CenterCrop(224)``,
 then ImageNet normalisation. ``native: true`` keeps the 64 px images instead (training: random crop
 64 with padding 4 and flip), 12x less compute per image; at 64 px the whole set also fits on the
