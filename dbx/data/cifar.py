@@ -150,10 +150,14 @@ def _checked_entry(entry: object, path: str, layout: _Layout) -> tuple[np.ndarra
 
 
 def _download(layout: _Layout, root: str) -> None:
+    """Fetch and unpack the official archive (its MD5 checked), without torchvision's dataset
+    class: that would read the batches with ``pickle.load``."""
     import torchvision
+    from torchvision.datasets.utils import download_and_extract_archive
 
+    official = getattr(torchvision.datasets, layout.torchvision_class)
     try:
-        getattr(torchvision.datasets, layout.torchvision_class)(root, train=True, download=True)
+        download_and_extract_archive(official.url, root, filename=official.filename, md5=official.tgz_md5)
     except Exception as exc:  # noqa: BLE001 - no network, a bad checksum, a read-only folder...
         raise UserError(f"downloading {layout.title} into {root} failed ({type(exc).__name__}: {exc}); "
                         f"download {layout.url} yourself and extract it there") from exc
