@@ -167,3 +167,14 @@ def test_a_resumed_run_continues_from_the_checkpoint_the_full_disk_left(tmp_path
     assert "after epoch 1" in result.output
     assert only_run(tmp_path).info.status == "FINISHED"
     assert textwrap.dedent(result.output).count("epoch 3/3") == 1
+
+
+def test_a_sweep_with_an_unwritable_checkpoint_dir_starts_no_parent_run(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    spec = write_spec(tmp_path, blocker)
+    spec.write_text(spec.read_text() + "sweep: {seed: [0, 1]}\n")
+    result = run(tmp_path)
+    assert result.exit_code == 2, result.output
+    assert f"checkpoint folder {blocker} is a file, not a folder" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "spec.yaml"]
