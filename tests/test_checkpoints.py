@@ -178,3 +178,44 @@ def test_a_sweep_with_an_unwritable_checkpoint_dir_starts_no_parent_run(tmp_path
     assert result.exit_code == 2, result.output
     assert f"checkpoint folder {blocker} is a file, not a folder" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "spec.yaml"]
+
+
+def test_a_policy_state_that_a_checkpoint_cannot_hold_fails_the_run_at_epoch_1_naming_it(site, tmp_path):
+    from distributions import install
+
+    from dbx import registry
+
+    install(site, "sets-policy", "[dbx.policies]\nsets = sets_mod:KeepsASet\n", {"sets_mod": """
+        class KeepsASet:
+            uses_diversity = False
+
+            def __init__(self, *, batch_size: int = 50) -> None:
+                self.batch_size, self.seen = batch_size, set()
+
+            def initial_batch_size(self) -> int:
+                return self.batch_size
+
+            def measures_in(self, epoch: int) -> bool:
+                return False
+
+            def next_batch_size(self, state, diversity) -> int:
+                self.seen.add(state.epoch)
+                return self.batch_size
+
+            def state_dict(self):
+                return {"seen": self.seen}
+
+            def load_state_dict(self, state) -> None:
+                self.seen = set(state["seen"])
+        """})
+    registry.refresh()
+    write_spec(tmp_path, tmp_path / "ckpt")
+    (tmp_path / "spec.yaml").write_text((tmp_path / "spec.yaml").read_text().replace(
+        "{name: fixed, params: {batch_size: 50}}", "{name: sets}"))
+    result = run(tmp_path)
+    assert result.exit_code == 1, result.output
+    assert ("could not checkpoint epoch 1: policy 'sets''s state_dict() is not plain data that a checkpoint can "
+            "hold (Object of type set is not JSON serializable)") in result.output
+    failed = only_run(tmp_path)
+    assert failed.data.tags["dbx.failure.reason"] == "checkpoint_failed"
+    assert failed.data.tags["dbx.failure.epoch"] == "1"
