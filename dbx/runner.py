@@ -154,6 +154,9 @@ def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say) -> RunResu
                 raise RunFailed(f"could not write the checkpoint of epoch {current.epoch} to {folder}: "
                                 f"{exc.strerror or exc}. Free space there or set checkpoint.dir elsewhere; "
                                 f"{earlier}", reason="checkpoint_failed", epoch=current.epoch) from exc
+            except TypeError as exc:  # a plugin's state_dict() that a checkpoint cannot hold
+                raise RunFailed(f"could not checkpoint epoch {current.epoch}: {exc}", reason="checkpoint_failed",
+                                epoch=current.epoch) from exc
 
     def finish(status: str, **details: Any) -> None:
         """Close the run, with the throughput of each batch size it trained at (throughput.json)."""
