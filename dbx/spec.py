@@ -264,7 +264,8 @@ class Spec(_Section):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="checkpoints for resuming")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow settings")
     sweep: dict[SweepKey, SweepValues] | None = Field(
-        None, description="grid of runs: dotted key path -> list of values, e.g. {seed: [0, 1, 2]}"
+        None, description="grid of runs: dotted key path -> list of values, e.g. {seed: [0, 1, 2]}; keys joined by + vary "
+        "together: {policy+lr_scaling: [[{name: fixed}, none], [{name: divebatch}, linear]]}"
     )
 
     _origin: _Origin = PrivateAttr(default_factory=lambda: _Origin())
