@@ -269,3 +269,17 @@ def test_bad_parameters_are_refused_naming_the_parameter(params, message):
     with pytest.raises(ValueError) as error:
         Goodput(**params)
     assert message in str(error.value)
+
+
+def test_dbx_run_refuses_a_bad_parameter_before_anything_is_created(tmp_path):
+    from click.testing import CliRunner
+
+    from dbx.cli import main
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: x\ndata: {name: synthetic_logistic}\nmodel: {name: logreg}\noptimizer: {lr: 0.1}\n"
+                    "epochs: 2\npolicy: {name: goodput, params: {smoothing: 1.5}}\n")
+    result = CliRunner().invoke(main, ["run", str(spec), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    assert result.exit_code == 2
+    assert "policy 'goodput'" in result.output and "smoothing must be a finite number >= 0 and < 1" in result.output
+    assert not (tmp_path / "m.db").exists()
