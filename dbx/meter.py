@@ -227,6 +227,12 @@ class DiversityMeter:
         self.result = estimate
         return estimate
 
+    def cancel(self) -> None:
+        """Detach the hooks and drop the epoch's sums without a result (training stopped mid-epoch)."""
+        if self.measuring:
+            self._detach()
+        self.result = None
+
     @contextlib.contextmanager
     def epoch(self, measure: bool = True) -> Iterator[DiversityMeter]:
         """``with meter.epoch():`` measures the steps inside; ``measure=False`` attaches nothing (steps
@@ -240,7 +246,7 @@ class DiversityMeter:
         try:
             yield self
         except BaseException:
-            self._detach()
+            self.cancel()
             raise
         self.stop()
 
