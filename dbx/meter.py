@@ -182,7 +182,8 @@ class DiversityMeter:
             raise MeterError(
                 f"{_NAME}.step() found no backward through the model since the last step: call it once per "
                 f"optimizer step, after loss.backward() (a loss computed from the model's output, with gradients "
-                f"enabled), not twice per step")
+                f"enabled), not twice per step. (A model that never calls its layers as modules, e.g. uses "
+                f"F.linear(x, layer.weight), gives the hooks nothing to see either: leave those out with exclude=.)")
         if not self._checked:
             self._check_every_use_was_seen()
         grads = self._copies if self.copy_grads else self._grads_unchanged()
