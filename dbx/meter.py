@@ -95,6 +95,17 @@ class _BackwardHooks(NormHooks):
         self._queued = False
         self._on_backward_end()
 
+    def _forward_hook(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super()._forward_hook(*args, **kwargs)
+        except EstimatorConfigError as exc:  # e.g. a layer whose input is not batch-first
+            raise _meter_error(exc) from exc
+
+
+def _meter_error(exc: EstimatorConfigError) -> MeterError:
+    """The hooks speak of a spec's estimator.params; say what the meter's arguments are."""
+    return MeterError(f"{exc} (For DiversityMeter: pass exclude=[...] or layers=[...] to DiversityMeter(model, ...).)")
+
 
 class DiversityMeter:
     """Exact gradient diversity over the steps of an epoch, in any PyTorch training loop.
@@ -135,7 +146,7 @@ class DiversityMeter:
         try:
             _, own = build_hooks(model, include=layers, exclude=exclude, estimator=_NAME)
         except EstimatorConfigError as exc:
-            raise MeterError(f"{exc} (For the meter: DiversityMeter(model, exclude=[...]) or layers=[...].)") from exc
+            raise _meter_error(exc) from exc
         fuse = fuse_weight_grads and not _distributed()
         self._hooks = _BackwardHooks(model, own.covered, estimator=_NAME, fuse=fuse,
                                      on_backward_end=self._backward_end)
