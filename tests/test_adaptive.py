@@ -1,11 +1,11 @@
 """dbx.build_policy and dbx.AdaptiveBatchSize: the policies `dbx run` uses, driven from your own loop."""
 import pytest
+from distributions import install
 
 import dbx
 from dbx.policies.divebatch import DiveBatch
 from dbx.registry import PluginError
 from dbx.testing import diversity_estimate
-from distributions import install
 
 
 def test_build_policy_builds_what_a_spec_names():
