@@ -107,15 +107,16 @@ def main(argv: list[str] | None = None) -> int:
           f"CPU s per step; {args.rounds} rounds after {args.warmup} warm-up, each copy once per round in "
           f"rotating order; 'x plain' is the median over rounds of step / plain step"
           + (", glibc keeping freed memory" if args.keep_freed_memory else ""))
-    print(f"{'model':<9} {'B':>4} {'loop':<12} {'step s':>8} {'x plain':>8}")
+    print(f"{'model':<9} {'B':>4} {'loop':<12} {'step s':>8} {'x plain':>8}  {'quartiles of x plain':>20}")
     for model_name in [m for m in args.models.split(",") if m]:
         x, y = make_batch(args.batch, "cpu")
         loops = [Loop(kind, model_name, x, y) for kind in KINDS]
         rows = rounds_of(loops, args.rounds, args.warmup)
         for kind in KINDS:
-            ratio = statistics.median(row[kind] / row["plain"] for row in rows)
+            ratios = [row[kind] / row["plain"] for row in rows]
+            q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
             print(f"{model_name:<9} {args.batch:>4} {kind:<12} {statistics.median(row[kind] for row in rows):8.3f} "
-                  f"{ratio:7.3f}x")
+                  f"{statistics.median(ratios):7.3f}x  {q1:9.3f}x-{q3:.3f}x")
         meter, exact = loops[KINDS.index("measuring")].meter, loops[KINDS.index("exact")].estimator
         meter.stop()  # the sums were real: both report over every step they measured
         reference = exact.estimate(None, None, None)
