@@ -11,7 +11,8 @@ Copies of one model (same initial weights, same batch) take SGD steps in one pro
 
 Each round steps every copy once, in an order that rotates from round to round, and each ratio is
 the median over rounds of (copy's step / plain's step in the same round), so the shared machine's
-changing load hits every copy alike. CPU seconds of this process per step, one torch thread by
+changing load hits every copy alike; the quartiles of those ratios show the noise. The ratio of
+the fastest steps (each copy's least disturbed one, as ``timeit`` reports) is printed beside it. CPU seconds of this process per step, one torch thread by
 default (``--threads 0``: torch's default). The ResNet-18 is the CIFAR one of
 ``benchmarks/estimators.py`` (3x3 stem, no max-pool, BatchNorm), as is the batch.
 
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet18", help="comma-separated: resnet18, mlp")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (medians shown)")
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="timed rounds (a multiple of 5: each copy then takes each position equally often)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 0 = torch's default")
     parser.add_argument("--keep-freed-memory", action="store_true",
@@ -107,16 +109,19 @@ def main(argv: list[str] | None = None) -> int:
           f"CPU s per step; {args.rounds} rounds after {args.warmup} warm-up, each copy once per round in "
           f"rotating order; 'x plain' is the median over rounds of step / plain step"
           + (", glibc keeping freed memory" if args.keep_freed_memory else ""))
-    print(f"{'model':<9} {'B':>4} {'loop':<12} {'step s':>8} {'x plain':>8}  {'quartiles of x plain':>20}")
+    print(f"{'model':<9} {'B':>4} {'loop':<12} {'step s':>8} {'x plain':>8}  {'quartiles of x plain':>20}"
+          f"  {'fastest step s':>14} {'x plain':>8}")
     for model_name in [m for m in args.models.split(",") if m]:
         x, y = make_batch(args.batch, "cpu")
         loops = [Loop(kind, model_name, x, y) for kind in KINDS]
         rows = rounds_of(loops, args.rounds, args.warmup)
+        fastest = {kind: min(row[kind] for row in rows) for kind in KINDS}  # the least disturbed step of each
         for kind in KINDS:
             ratios = [row[kind] / row["plain"] for row in rows]
             q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
             print(f"{model_name:<9} {args.batch:>4} {kind:<12} {statistics.median(row[kind] for row in rows):8.3f} "
-                  f"{statistics.median(ratios):7.3f}x  {q1:9.3f}x-{q3:.3f}x")
+                  f"{statistics.median(ratios):7.3f}x  {q1:9.3f}x-{q3:.3f}x  {fastest[kind]:14.3f} "
+                  f"{fastest[kind] / fastest['plain']:7.3f}x")
         meter, exact = loops[KINDS.index("measuring")].meter, loops[KINDS.index("exact")].estimator
         meter.stop()  # the sums were real: both report over every step they measured
         reference = exact.estimate(None, None, None)
