@@ -18,7 +18,7 @@ def python_blocks(page: str) -> list[str]:
 
 
 @pytest.mark.parametrize("page", PAGES)
-def test_every_python_example_runs(page, tmp_path, monkeypatch, capsys):
+def test_every_python_example_runs(page, tmp_path, monkeypatch, capsys, fresh_mlflow):
     blocks = python_blocks(page)
     assert blocks, f"{page} has no python example"
     monkeypatch.chdir(tmp_path)

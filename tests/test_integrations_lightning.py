@@ -47,7 +47,7 @@ def trainer(tmp_path, callback, **options):
     return pl.Trainer(callbacks=[callback], **{**defaults, **options})
 
 
-def test_divebatch_changes_the_batch_size_between_epochs_and_mlflow_holds_diversity_and_batch_size(tmp_path):
+def test_divebatch_changes_the_batch_size_between_epochs_and_mlflow_holds_diversity_and_batch_size(tmp_path, fresh_mlflow):
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow import MlflowClient
 

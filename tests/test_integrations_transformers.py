@@ -20,7 +20,7 @@ class Logits(torch.nn.Module):
         return self.model(input_ids=input_ids).logits
 
 
-def test_the_trainer_logs_the_exact_diversity_to_mlflow(tmp_path, monkeypatch):
+def test_the_trainer_logs_the_exact_diversity_to_mlflow(tmp_path, monkeypatch, fresh_mlflow):
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"

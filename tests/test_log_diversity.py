@@ -9,7 +9,7 @@ import dbx
 from dbx.errors import UserError
 
 
-def test_log_diversity_writes_one_value_per_epoch_into_the_active_run(tmp_path):
+def test_log_diversity_writes_one_value_per_epoch_into_the_active_run(tmp_path, fresh_mlflow):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -30,7 +30,7 @@ def test_log_diversity_writes_one_value_per_epoch_into_the_active_run(tmp_path):
     assert logged["batch_size"] == 8.0 and logged["diversity_samples"] == 32.0
 
 
-def test_log_diversity_without_an_active_run_says_how_to_start_one(tmp_path):
+def test_log_diversity_without_an_active_run_says_how_to_start_one(tmp_path, fresh_mlflow):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     with pytest.raises(UserError, match="no active MLflow run.*mlflow.start_run"):
         dbx.log_diversity(dbx.DiversityEstimate(value=1.0, samples=4, seconds=0.0))
