@@ -104,3 +104,30 @@ def test_a_dataloader_passed_to_fit_cannot_be_resized_and_says_so(tmp_path):
     callback = DiversityCallback("adabatch", {"initial": 8, "every": 1})
     with pytest.raises(UserError, match="DataLoader has batch size 16, but the policy chose 8"):
         trainer(tmp_path, callback).fit(model, train_dataloaders=loader)
+
+
+def test_a_plugin_policy_named_as_in_a_spec_drives_the_batch_size(tmp_path, site):
+    from distributions import install
+
+    install(site, "dbx-halving", "[dbx.policies]\nhalving = halving_policy:Halving\n", {"halving_policy": """
+        class Halving:
+            uses_diversity = False
+            def __init__(self, *, start: int = 64):
+                self.start = start
+            def initial_batch_size(self):
+                return self.start
+            def measures_in(self, epoch):
+                return False
+            def next_batch_size(self, state, diversity):
+                return max(1, state.batch_size // 2)
+            def state_dict(self):
+                return {}
+            def load_state_dict(self, state):
+                pass
+        """})
+    model = Classifier(n=96)
+    callback = DiversityCallback("halving", {"start": 32}, lr_scaling="linear")
+    trainer(tmp_path, callback).fit(model)
+    assert [max(model.batches[epoch]) for epoch in (1, 2, 3)] == [32, 16, 8]
+    assert model.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 / 8)
+    assert all("diversity" not in row for row in callback.history)  # the policy never asked to measure
