@@ -26,6 +26,7 @@ from typing import Any
 from dbx import registry
 from dbx.errors import UserError
 from dbx.protocols import BatchSizePolicy, DiversityEstimate, EpochState
+from dbx.train import throughput
 from dbx.train.lr import rescale_factor
 
 __all__ = ["build_policy", "AdaptiveBatchSize", "Resize", "PolicyError"]
@@ -101,6 +102,7 @@ class AdaptiveBatchSize:
         self.lr_scale = 1.0
         self.step = 0
         self.samples_seen = 0
+        self.throughput: throughput.Table = {}  # per batch size, what end_epoch(seconds=...) reported
 
     def measures_in(self, epoch: int) -> bool:
         """Whether epoch ``epoch`` (1-based) should be measured: the policy reads diversity and asks."""
@@ -109,19 +111,26 @@ class AdaptiveBatchSize:
     def end_epoch(self, epoch: int, diversity: DiversityEstimate | None, *, lr: float = math.nan,
                   train_loss: float = math.nan, test_loss: float = math.nan, train_accuracy: float | None = None,
                   test_accuracy: float | None = None, steps: int | None = None,
-                  samples: int | None = None) -> Resize:
+                  samples: int | None = None, seconds: float | None = None) -> Resize:
         """The policy's decision after epoch ``epoch``, trained at ``batch_size``.
 
         ``diversity`` is the epoch's estimate (``meter.result``; None for an epoch not measured).
         The other numbers fill the ``EpochState`` the policy reads; ``steps`` and ``samples``
-        default to one pass over ``dataset_size`` samples at ``batch_size``.
+        default to one pass over ``dataset_size`` samples at ``batch_size``. ``seconds``, the
+        wall time of the epoch's training steps (no evaluation), goes into the throughput table
+        (``EpochState.throughput``) that a policy such as ``goodput`` needs; the estimate's own
+        ``seconds`` are taken out, as ``dbx run`` does.
         """
         old = self.batch_size
+        epoch_samples = self.dataset_size if samples is None else samples
         self.step += math.ceil(self.dataset_size / old) if steps is None else steps
-        self.samples_seen += self.dataset_size if samples is None else samples
+        self.samples_seen += epoch_samples
+        if seconds is not None:
+            throughput.record(self.throughput, old, epoch_samples, seconds, diversity)
         state = EpochState(epoch=epoch, epochs=self.epochs or epoch, step=self.step, batch_size=old, lr=lr,
                            samples_seen=self.samples_seen, dataset_size=self.dataset_size, train_loss=train_loss,
-                           test_loss=test_loss, train_accuracy=train_accuracy, test_accuracy=test_accuracy)
+                           test_loss=test_loss, train_accuracy=train_accuracy, test_accuracy=test_accuracy,
+                           throughput=throughput.samples_per_second(self.throughput))
         new = _checked(self.policy.next_batch_size(state, diversity), self.name, "next_batch_size()")
         factor = 1.0
         if new != old:
@@ -134,7 +143,8 @@ class AdaptiveBatchSize:
 
     def state_dict(self) -> dict[str, Any]:
         return {"policy": self.policy.state_dict(), "batch_size": self.batch_size, "lr_scale": self.lr_scale,
-                "step": self.step, "samples_seen": self.samples_seen}
+                "step": self.step, "samples_seen": self.samples_seen,
+                "throughput": [[batch, *entry] for batch, entry in self.throughput.items()]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.policy.load_state_dict(state["policy"])
@@ -142,6 +152,7 @@ class AdaptiveBatchSize:
         self.lr_scale = float(state["lr_scale"])
         self.step = int(state["step"])
         self.samples_seen = int(state["samples_seen"])
+        self.throughput = {int(row[0]): [float(v) for v in row[1:]] for row in state.get("throughput", [])}
 
     def __repr__(self) -> str:
         return f"AdaptiveBatchSize({self.name!r}, batch_size={self.batch_size}, lr_scaling={self.lr_scaling!r})"

@@ -283,3 +283,24 @@ def test_dbx_run_refuses_a_bad_parameter_before_anything_is_created(tmp_path):
     assert result.exit_code == 2
     assert "policy 'goodput'" in result.output and "smoothing must be a finite number >= 0 and < 1" in result.output
     assert not (tmp_path / "m.db").exists()
+
+
+def test_goodput_in_your_own_loop_reads_the_epoch_seconds_you_report():
+    import dbx
+
+    step = machine(2e-3, 2e-5)
+    adaptive = dbx.AdaptiveBatchSize("goodput", {"initial": 32, "max": 1024}, dataset_size=50_000)
+    estimate = diversity_estimate(900.0, samples=50_000)
+    assert adaptive.end_epoch(1, estimate).batch_size == 32  # no seconds: no throughput, no decision
+    used = []
+    for epoch in range(2, 7):
+        batch = adaptive.batch_size
+        used.append(batch)
+        adaptive.end_epoch(epoch, estimate, seconds=step(batch) * 50_000 / batch)
+    assert used == [32, 64, 128, 256, 256]
+    saved = json.loads(json.dumps(adaptive.state_dict()))
+    again = dbx.AdaptiveBatchSize("goodput", {"initial": 32, "max": 1024}, dataset_size=50_000)
+    again.load_state_dict(saved)
+    assert again.throughput == adaptive.throughput
+    assert again.end_epoch(7, estimate, seconds=step(256) * 50_000 / 256) == \
+        adaptive.end_epoch(7, estimate, seconds=step(256) * 50_000 / 256)
