@@ -192,6 +192,15 @@ class DataSplits:
     accuracy). ``augment`` is an optional batch-wise training augmentation for tensor data, called
     as ``augment(inputs, generator)`` on the training device; it must not change the batch size.
     ``description`` is one line for the run's log (what the data is, its size).
+
+    ``task`` says what is learnt: ``"classification"``, ``"regression"`` or ``"sequence"``;
+    None (the default) infers it: regression when ``num_classes`` is None, sequence when each
+    target is a row of token indices (targets of shape ``(N, T)``), classification otherwise. In
+    a sequence task (language modelling, token classification) an input is a sequence (e.g. token
+    ids of shape ``(T,)``), the model returns ``(B, T, num_classes)`` logits, ``num_classes`` is
+    the vocabulary, and a sample is a whole sequence: batch sizes, ``dataset_size`` and the
+    per-sample gradients of the diversity estimators count sequences, each sample's loss being
+    the sum over its tokens.
     """
 
     train: Any
@@ -200,6 +209,7 @@ class DataSplits:
     input_shape: tuple[int, ...]
     augment: Callable[["torch.Tensor", "torch.Generator"], "torch.Tensor"] | None = None
     description: str = ""
+    task: str | None = None
 
 
 @runtime_checkable

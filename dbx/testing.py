@@ -622,14 +622,17 @@ def _close(a: float, b: float, rtol: float) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 def check_model(factory: Callable[..., Any], *, input_shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10,
-                params: dict[str, Any] | None = None, seed: int = 0, regression: bool = True) -> None:
+                params: dict[str, Any] | None = None, seed: int = 0, regression: bool = True,
+                sequence: bool = False) -> None:
     """Check a model factory against ``dbx.protocols.ModelFactory``; raise ``ContractError``.
 
     Checked: the signature works as the parameter schema; it builds a CPU ``torch.nn.Module``
     for ``num_classes`` (and, with ``regression``, for ``num_classes=None``); a batch of 2 inputs
     of ``input_shape`` gives outputs of shape ``(2, num_classes)`` (``(2, 1)``) in eval and train
     mode, and the backward reaches the parameters; two builds after ``torch.manual_seed(seed)``
-    have the same weights (the factory must not seed torch itself).
+    have the same weights (the factory must not seed torch itself). With ``sequence`` (a model
+    for sequence data: ``input_shape`` is ``(T,)``, ``num_classes`` the vocabulary), the inputs
+    are token ids in ``[0, num_classes)`` and the outputs must be ``(2, T, num_classes)``.
     """
     import torch
     from torch import nn
@@ -637,7 +640,7 @@ def check_model(factory: Callable[..., Any], *, input_shape: tuple[int, ...] = (
     params = dict(params or {})
     subject = f"model {_describe(factory)}"
     problems = _schema_problems("model", factory, params)
-    cases = [num_classes, None] if regression else [num_classes]
+    cases = [num_classes, None] if regression and not sequence else [num_classes]
     for classes in cases:
         label = f"num_classes={classes}"
         torch.manual_seed(seed)
@@ -653,6 +656,9 @@ def check_model(factory: Callable[..., Any], *, input_shape: tuple[int, ...] = (
             problems.append(f"{label}: the model has tensors on {off_cpu}; build it on the CPU (dbx moves it)")
         expected = (2, classes if classes is not None else 1)
         x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(seed))
+        if sequence:
+            expected = (2, *input_shape, classes)
+            x = torch.randint(0, classes, (2, *input_shape), generator=torch.Generator().manual_seed(seed))
         try:
             model.eval()
             with torch.no_grad():
