@@ -208,8 +208,8 @@ def check_params(kind: str, name: str, params: dict[str, Any]) -> list[tuple[tup
         if annotation is None or annotation is Any or annotation is inspect.Parameter.empty:
             continue
         try:
-            TypeAdapter(annotation).validate_python(_as_declared(annotation, value),
-                                                    strict=_strict_for(annotation, value))
+            # strict: "3" is not an int, 1 is not a bool (an int is still a fine float)
+            TypeAdapter(annotation).validate_python(_as_declared(annotation, value), strict=True)
         except ValidationError as exc:
             first = exc.errors()[0]
             expects = "" if typing.get_origin(annotation) is typing.Literal else f"; {name} expects {_type_name(annotation)}"
@@ -268,11 +268,6 @@ def declared_params(kind: str, name: str, params: dict[str, Any]) -> dict[str, A
     schema, _ = params_of(kind, load(kind, name))
     return {key: _as_declared(schema[key].annotation, value) if key in schema else value
             for key, value in params.items()}
-
-
-def _strict_for(annotation: Any, value: Any) -> bool:
-    # Strict mode rejects "3" for int and 3.5 for int; but ints are fine where floats are expected.
-    return not isinstance(value, int)
 
 
 def _type_name(annotation: Any) -> str:
