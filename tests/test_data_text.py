@@ -17,7 +17,7 @@ def test_a_file_becomes_next_token_windows_split_by_position(tmp_path):
     splits = text_file(path=str(tmp_path / "a.txt"), seq_len=9, test_fraction=0.2)
     assert splits.task == "sequence" and splits.num_classes == 256 and splits.input_shape == (9,)
     stream = torch.tensor(list(text + b"\n"))
-    (x, y), (tx, ty) = splits.train, splits.test
+    (x, y), (tx, _) = splits.train, splits.test
     assert x.dtype == torch.long and x.shape == (228 // 10, 9)  # 286 bytes: 229 train, 57 test; windows of 10
     assert torch.equal(x[0], stream[:9]) and torch.equal(y[0], stream[1:10])  # targets are the inputs shifted
     assert torch.equal(x[1], stream[10:19])  # windows do not overlap

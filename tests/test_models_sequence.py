@@ -7,8 +7,8 @@ import torch
 from click.testing import CliRunner
 
 from dbx.cli import main
-from dbx.estimators import ExactEstimator, per_sample_sq_norms
 from dbx.errors import UserError
+from dbx.estimators import ExactEstimator, per_sample_sq_norms
 from dbx.models.recurrent import lstm_classifier
 from dbx.models.transformer import transformer_lm, vit
 from dbx.train.losses import cross_entropy

@@ -47,7 +47,7 @@ def test_every_torch_optim_class_is_registered_by_its_lower_case_name():
                and issubclass(getattr(torch.optim, name), torch.optim.Optimizer) and name != "Optimizer"}
     registered = registry.available("optimizer")
     assert {name.lower() for name in classes - set(NOT_REGISTERED)} <= set(registered)
-    for name, info in registered.items():
+    for info in registered.values():
         if info.distribution == "dbx":
             assert info.target.startswith("torch.optim:")
 

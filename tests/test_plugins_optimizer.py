@@ -4,7 +4,6 @@ distribution, checks a spec's params against its constructor, and trains with it
 import importlib
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch

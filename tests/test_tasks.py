@@ -83,8 +83,12 @@ def test_the_step_is_the_mean_token_loss_of_the_logical_batch_whatever_the_micro
     grads = []
     for micro in (None, 3):
         parts = lm_parts(data, batch_size=8)
-        captured = {}
-        parts.optimizer.step = lambda: captured.update({n: p.grad.clone() for n, p in parts.model.named_parameters()})
+        captured: dict[str, torch.Tensor] = {}
+
+        def capture(captured=captured, model=parts.model) -> None:  # in place of the optimizer's step
+            captured.update({n: p.grad.clone() for n, p in model.named_parameters()})
+
+        parts.optimizer.step = capture
         train_one_epoch(parts, micro, None, lambda: None)
         grads.append(captured)
     x, y = data.train
