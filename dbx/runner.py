@@ -32,12 +32,15 @@ def run_one(spec: Any, *, uri: str, experiment: str | None = None, say: Say = pr
     it KILLED and returns exit code 130.
     """
     from dbx import tracking
+    from dbx.train.checkpoint import check_folder
     from dbx.train.loop import RunState
     from dbx.train.parts import build_parts
 
     tracking.quiet_mlflow()
     device, label = _device(spec)
     tracking.check_store(uri)
+    if spec.checkpoint.enabled:  # a folder that cannot be written fails now, not after epoch 1
+        check_folder(tracking.checkpoint_base(uri, spec.checkpoint.dir))
     parts = build_parts(spec, device)
     run_name = run_name or f"{spec.name}-seed{spec.seed}"
     from mlflow.exceptions import MlflowException
@@ -60,7 +63,7 @@ def resume_run(run_id: str, *, tracking_uri: str | None = None, device: str | No
     """Continue run ``run_id`` from its newest intact checkpoint, in the same MLflow run."""
     from dbx import tracking
     from dbx.spec import spec_from_dict
-    from dbx.train.checkpoint import load_latest, restore
+    from dbx.train.checkpoint import check_folder, check_payload, load_latest, remove_stale_temporaries
     from dbx.train.parts import build_parts
 
     tracking.quiet_mlflow()
@@ -76,18 +79,47 @@ def resume_run(run_id: str, *, tracking_uri: str | None = None, device: str | No
         where = f" in {folder}" if folder else ""
         raise UserError(f"run {run_id} has no checkpoint{where} to resume from; start it again with dbx run.")
     path, payload = latest
-    data = payload["spec"]
+    data = check_payload(path, payload)["spec"]
     if device:
         data = {**data, "device": device}
     spec = spec_from_dict(data, source=f"the spec saved in {path.name}")
     device_, label = _device(spec)
+    check_folder(folder, what=f"the checkpoint folder of run {run_id}")
     parts = build_parts(spec, device_)
-    state = restore(parts, payload)
+    state, drift = _restore(spec, parts, path, payload)
     if state.epoch >= spec.epochs:
         raise UserError(f"run {run_id} already completed all {spec.epochs} epochs; nothing to resume.")
+    for stale in remove_stale_temporaries(folder):
+        say(f"removed {stale.name}, left by a checkpoint write that never finished")
     tracked = tracking.reopen_run(uri, run_id, state.history)
     say(f"resuming run {run.info.run_name} ({run_id}) after epoch {state.epoch}, from {path}, on {label}")
+    for message in drift:
+        say(f"WARNING: {message}")
+    if drift:
+        tracked.set_tags({"dbx.resume.warning": " | ".join(drift)[:5000]})
     return _train(spec, parts, tracked, state, say).exit_code
+
+
+def _restore(spec: Any, parts: Any, path: Any, payload: dict[str, Any]) -> tuple[Any, list[str]]:
+    """The checkpoint loaded into ``parts``, and the warnings of the drift check (dbx.train.drift)."""
+    from dbx import registry
+    from dbx.train.checkpoint import ForeignCheckpoint, restore
+    from dbx.train.drift import resume_warnings
+
+    try:
+        state = restore(parts, payload)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ForeignCheckpoint(f"{path} does not fit the run its spec describes ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}); delete it to resume from the "
+                                f"checkpoint before it, or start the run again with dbx run") from exc
+
+    def build_policy() -> Any:
+        return registry.build("policy", spec.policy.name, spec.policy.params,
+                              dataset_size=parts.train_loader.num_samples, seed=spec.seed)
+
+    drift = resume_warnings(payload, policy=parts.policy, estimator=parts.estimator, policy_name=spec.policy.name,
+                            estimator_name=spec.estimator.name, build_policy=build_policy)
+    return state, drift
 
 
 def _device(spec: Any) -> tuple[Any, str]:
@@ -103,15 +135,24 @@ def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say) -> RunResu
     """Run the loop with end-of-epoch checkpoints; close the MLflow run with the right status."""
     from dbx import tracking
     from dbx.train.checkpoint import save_checkpoint, snapshot
+    from dbx.train.drift import RecordedPolicy
     from dbx.train.loop import fit
 
     on_epoch_end = None
     if spec.checkpoint.enabled:
         folder = tracking.checkpoint_folder(tracked.uri, spec.checkpoint.dir, tracked.run_id)
         tracked.set_tags({"dbx.checkpoint.dir": str(folder)})
+        parts.policy = RecordedPolicy(parts.policy, spec.policy.name)  # its last decision goes in the checkpoint
 
         def on_epoch_end(current: Any) -> None:
-            save_checkpoint(folder, current.epoch, snapshot(spec, parts, current), spec.checkpoint.keep_last)
+            try:
+                save_checkpoint(folder, current.epoch, snapshot(spec, parts, current), spec.checkpoint.keep_last)
+            except OSError as exc:
+                earlier = f"dbx resume {tracked.run_id} continues after epoch {current.epoch - 1}" \
+                    if current.epoch > 1 else "no earlier checkpoint exists"
+                raise RunFailed(f"could not write the checkpoint of epoch {current.epoch} to {folder}: "
+                                f"{exc.strerror or exc}. Free space there or set checkpoint.dir elsewhere; "
+                                f"{earlier}", reason="checkpoint_failed", epoch=current.epoch) from exc
 
     resume_hint = f"resume with: dbx resume {tracked.run_id} --tracking-uri {tracked.uri}"
     try:

@@ -233,6 +233,11 @@ def _log_spec(tracked: TrackedRun, spec: Any) -> None:
 
 def checkpoint_folder(uri: str, configured: str | None, run_id: str) -> Path:
     """Where a run's checkpoints go: the spec's checkpoint.dir, else beside a local store."""
+    return checkpoint_base(uri, configured) / run_id
+
+
+def checkpoint_base(uri: str, configured: str | None) -> Path:
+    """The folder that holds one folder of checkpoints per run (checked before a run starts)."""
     if configured:
         base = Path(configured).expanduser()
     elif uri.startswith("sqlite:///"):
@@ -241,7 +246,7 @@ def checkpoint_folder(uri: str, configured: str | None, run_id: str) -> Path:
         base = Path(uri).parent / "dbx-checkpoints"
     else:
         base = Path("dbx-checkpoints")
-    return (base / run_id).resolve()
+    return base.resolve()
 
 
 def find_run(uri: str, run_id: str) -> Any:
