@@ -55,20 +55,29 @@ def text_file(
                    name=f"text {location}")
 
 
+#: Folders under the standard library's that are not the library: installed packages, and tests.
+NOT_THE_LIBRARY = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
+
+
 def python_stdlib(
     *,
     level: Level = "byte",
     seq_len: int = 128,
     test_fraction: float = 0.1,
     max_bytes: int | None = 2_000_000,
+    subfolders: bool = False,
 ) -> DataSplits:
-    """Next-token prediction over the Python standard library's top-level ``*.py`` sources.
+    """Next-token prediction over the Python standard library's ``*.py`` sources.
 
     The same samples as ``text_file`` (see the module docstring) over a corpus that needs no
-    download; ``max_bytes`` (default 2 MB, about 2 % of CPython's library) keeps CPU runs short.
+    download. By default the top-level modules (CPython 3.11: 168 files, 4.7 MB), of which
+    ``max_bytes`` (default 2 MB) keeps the first, for short CPU runs; ``subfolders: true`` adds the
+    packages (``email/``, ``json/``, ...; 3.11: about 800 files, 12.6 MB), never installed
+    third-party packages or test suites.
     """
     folder = Path(sysconfig.get_paths()["stdlib"])
-    files = _files(folder, "*.py")
+    files = _files(folder, "**/*.py" if subfolders else "*.py")
+    files = [f for f in files if not NOT_THE_LIBRARY & set(f.relative_to(folder).parts[:-1])]
     version = ".".join(map(str, sys.version_info[:3]))
     return _splits(files, level=level, seq_len=seq_len, test_fraction=test_fraction, max_bytes=max_bytes,
                    name=f"Python {version} standard library sources")
