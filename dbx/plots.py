@@ -69,6 +69,8 @@ def comparison_curves(groups: Sequence[Any], *, target: float | None = None, yla
             _line_with_band(lr_ax, epochs, *series["lr"], color, group.label)
     for ax in (acc_ax, time_ax):
         ax.set_ylabel(ylabel)
+        if "perplexity" in ylabel:  # from hundreds at the start to a few at the end
+            ax.set_yscale("log")
         if target is not None:
             ax.axhline(target, color="grey", linestyle=":", linewidth=1, label="common target")
     acc_ax.set_xlabel("epoch")
