@@ -153,6 +153,9 @@ def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say) -> RunResu
                 raise RunFailed(f"could not write the checkpoint of epoch {current.epoch} to {folder}: "
                                 f"{exc.strerror or exc}. Free space there or set checkpoint.dir elsewhere; "
                                 f"{earlier}", reason="checkpoint_failed", epoch=current.epoch) from exc
+            except TypeError as exc:  # a plugin's state_dict() that a checkpoint cannot hold
+                raise RunFailed(f"could not checkpoint epoch {current.epoch}: {exc}", reason="checkpoint_failed",
+                                epoch=current.epoch) from exc
 
     resume_hint = f"resume with: dbx resume {tracked.run_id} --tracking-uri {tracked.uri}"
     try:

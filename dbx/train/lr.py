@@ -3,8 +3,8 @@
 The schedule is a pure function of the epoch, so resuming needs no scheduler object, and a
 schedule keeps its shape in epochs when the batch size (and so the number of steps per epoch)
 changes. The rescale is a separate factor that multiplies the scheduled lr and persists
-(DiveBatch's "rescale" variant: at each resize, lr *= B_next / B, applied after the scheduler's
-step).
+(DiveBatch's "rescale" variant: at each resize lr *= B_next / B, on top of the schedule;
+docs/algorithm.md).
 
 Warm-up (``warmup_epochs: w``) multiplies any schedule but ``onecycle`` by ``e / w`` in epochs
 ``e = 1 .. w``: epoch 1 trains at ``lr / w``, epoch ``w`` at the full scheduled rate, and the
