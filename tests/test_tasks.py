@@ -124,3 +124,38 @@ def test_label_smoothing_changes_the_loss_but_perplexity_stays_the_cross_entropy
     p_loss, _, p_nll = evaluate(plain)
     assert s_loss != pytest.approx(p_loss) and s_nll == pytest.approx(p_nll)  # same weights: same perplexity
     assert "train_perplexity" not in smooth.task.metrics("train", s_loss, 0.5)  # not the smoothed loss's exp
+
+
+LOSS_SPEC = """\
+name: loss-check
+data: {{name: digits}}
+model: {{name: mlp}}
+optimizer: {{name: adamw, lr: 1e-3}}
+loss: {loss}
+epochs: 1
+policy: {{name: fixed}}
+"""
+
+
+@pytest.mark.parametrize("command, loss, fragment", [
+    ("validate", "{name: cross_entropy, params: {label_smothing: 0.1}}",
+     "spec.yaml:5: loss.params.label_smothing: unknown parameter 'label_smothing' for loss 'cross_entropy'. "
+     "Did you mean 'label_smoothing'?"),
+    ("validate", "{name: huber, params: {delta: big}}", "spec.yaml:5: loss.params.delta:"),
+    ("validate", "{params: {delta: 2.0}}", "params need a loss name"),
+    ("run", "{name: huber}", "loss 'huber' is made for regression tasks, but scikit-learn digits (8x8) is a "
+                             "classification task"),
+])
+def test_a_wrong_loss_exits_2_with_where_and_how_to_fix_it_and_creates_nothing(tmp_path, monkeypatch, command, loss,
+                                                                               fragment):
+    from click.testing import CliRunner
+
+    from dbx.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "spec.yaml").write_text(LOSS_SPEC.format(loss=loss))
+    result = CliRunner().invoke(main, [command, "spec.yaml"])
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output
+    assert not (tmp_path / "mlflow.db").exists()
