@@ -15,10 +15,10 @@ DIGITS = """\
 name: {name}
 seed: 0
 device: cpu
-data: {{name: digits, subset: 96}}
+data: {{name: digits, subset: {subset}}}
 model: {model}
 optimizer: {{name: adam, lr: 1e-3}}
-epochs: 2
+epochs: {epochs}
 policy: {policy}
 estimator: {estimator}
 eval_batch_size: 128
@@ -63,7 +63,7 @@ def test_torchvision_resnet18_on_one_channel_images_trains_and_exact_measures_it
     """digits are 1 x 8 x 8: a 1x1 convolution turns them into the 3 channels resnet18 takes; its
     BatchNorm and convolutions are layers the exact estimator measures."""
     text = DIGITS.format(name="tv-resnet18", model="{name: torchvision, params: {arch: resnet18}}",
-                         policy=GROWING, estimator="{name: exact}")
+                         policy=GROWING, estimator="{name: exact}", subset=48, epochs=1)
     result, client, run = dbx_run(tmp_path, store, text)
     assert result.exit_code == 0, result.output
     assert run.info.status == "FINISHED" and "diversity" in run.data.metrics
@@ -84,7 +84,7 @@ def test_timm_models_take_the_data_channels_and_the_exact_norms_match_explicit_g
 
 def test_timm_trains_by_dbx_run(tmp_path, store):
     text = DIGITS.format(name="timm-vit", model="{name: timm, params: {arch: test_vit, kwargs: {img_size: 8, "
-                         "patch_size: 2}}}", policy=FIXED, estimator="{name: exact}")
+                         "patch_size: 2}}}", policy=FIXED, estimator="{name: exact}", subset=96, epochs=2)
     result, client, run = dbx_run(tmp_path, store, text)
     assert result.exit_code == 0, result.output
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
@@ -138,7 +138,7 @@ def test_an_image_classifier_from_a_hugging_face_config_gets_the_data_sizes():
 ])
 def test_pretrained_weights_and_unknown_architectures_are_refused_with_exit_2(tmp_path, store, model, fragment):
     result, _, _ = dbx_run(tmp_path, store, DIGITS.format(name="refused", model=model, policy=FIXED,
-                                                          estimator="{name: exact}"))
+                                                          estimator="{name: exact}", subset=96, epochs=1))
     assert result.exit_code == 2, result.output
     assert fragment in result.output
 
