@@ -12,7 +12,14 @@ from dbx.errors import UserError
 from dbx.spec import Problem, Spec, SpecError, expand_sweep, load_spec
 
 #: Spec section -> plugin kind.
-SECTIONS = {"data": "dataset", "model": "model", "policy": "policy", "estimator": "estimator"}
+SECTIONS = {"data": "dataset", "model": "model", "policy": "policy", "estimator": "estimator",
+            "optimizer": "optimizer", "loss": "loss"}
+
+#: Sections whose ``name`` may be left out: the name they then stand for (None: no plugin is named).
+DEFAULT_NAMES = {"estimator": "exact", "optimizer": "sgd", "loss": None}
+
+#: The optimizer's settings that a spec may write beside its name rather than in ``params``.
+OPTIMIZER_SHORTHAND = ("lr", "momentum", "weight_decay", "nesterov")
 
 
 def plugin_problems(spec: Spec) -> list[Problem]:
@@ -29,22 +36,31 @@ def _plugin_problems(data: dict[str, Any], where: Callable[[tuple[str, ...]], st
     problems: list[Problem] = []
     for section, kind in SECTIONS.items():
         ref = data.get(section)
-        if section == "estimator" and ref is None:
-            ref = {"name": "exact"}
+        if ref is None and section in DEFAULT_NAMES:
+            ref = {}
+        if isinstance(ref, dict) and ref.get("name") is None and DEFAULT_NAMES.get(section):
+            ref = {**ref, "name": DEFAULT_NAMES[section]}
         if not isinstance(ref, dict) or not isinstance(ref.get("name"), str):
-            continue  # the schema check reports a missing or malformed section
+            continue  # the schema check reports a missing or malformed section (or no plugin is named)
         params = ref.get("params") or {}
-        if isinstance(params, dict) and poisoned:
+        if not isinstance(params, dict):
+            continue
+        if poisoned:
             params = {k: v for k, v in params.items()
                       if not any(p[:3] == (section, "params", k) for p in poisoned)}
+        places = {key: (section, "params", key) for key in params}
+        if section == "optimizer":  # the constructor also receives lr and the SGD shorthand
+            shorthand = {key: ref[key] for key in OPTIMIZER_SHORTHAND if ref.get(key) is not None}
+            places.update({key: (section, key) for key in shorthand})
+            params = {**params, **shorthand}
         try:
             registry.info(kind, ref["name"])
-            found = registry.check_params(kind, ref["name"], dict(params)) if isinstance(params, dict) else []
+            found = registry.check_params(kind, ref["name"], dict(params))
         except UserError as exc:
             problems.append(Problem(where((section, "name")), f"{section}.name", str(exc)))
             continue
         for path, message in found:
-            key = (section, "params", *path)
+            key = places.get(path[0], (section, "params", *path)) + tuple(path[1:])
             problems.append(Problem(where(key), ".".join(key), message))
     return problems
 
@@ -56,7 +72,7 @@ def signature_warnings(spec: Spec) -> list[Problem]:
     for _, point in expand_sweep(spec):
         for section, kind in SECTIONS.items():
             name = getattr(point, section).name
-            if (kind, name) in warnings:
+            if name is None or (kind, name) in warnings:  # None: the loss the data implies
                 continue
             found = registry.signature_problems(kind, registry.load(kind, name))
             if found:
@@ -187,6 +203,9 @@ def describe_plugins(spec: Spec) -> dict[str, Any]:
     """Tag values naming the distribution and version behind each plugin a run uses."""
     out = {}
     for section, kind in SECTIONS.items():
-        info = registry.info(kind, getattr(spec, section).name)
+        name = getattr(spec, section).name
+        if name is None:  # the loss the data implies: named by the run's task, not here
+            continue
+        info = registry.info(kind, name)
         out[kind] = f"{info.name} ({info.distribution} {info.version})"
     return out

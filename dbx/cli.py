@@ -277,8 +277,13 @@ for _kind in ("policy", "estimator", "model", "dataset"):
                    "(policy.name), tags.KEY, or several joined by commas.")
 @click.option("--baseline", default=None, metavar="GROUP", help="The group speedups are measured against. "
               "Default: the first group (the first value of the sweep).")
-@click.option("--target", type=float, default=None, metavar="ACC",
-              help="Common target test accuracy, a fraction (0.9). Default: the baseline's final accuracy minus 1 point.")
+@click.option("--metric", default="auto", show_default=True,
+              type=click.Choice(["auto", "test_accuracy", "test_perplexity", "test_loss"]),
+              help="What the runs are compared by; auto: test_perplexity when every run logged it (language "
+                   "models), else test_accuracy. Perplexity and loss: lower is better.")
+@click.option("--target", type=float, default=None, metavar="VALUE",
+              help="Common target of the metric: an accuracy as a fraction (0.9), or a perplexity (8.5). Default: "
+                   "the baseline's final accuracy minus 1 point (final perplexity plus 1%).")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
               show_default=True)
 @click.option("--plot", "plot_path", default=None, metavar="OUT.png",
@@ -287,8 +292,8 @@ for _kind in ("policy", "estimator", "model", "dataset"):
               help="Attach the table and the plots to the sweep's parent run (they show in the MLflow UI).")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 def compare(experiment: str | None, parent: str | None, tracking_uri: str | None, group_by: str,
-            baseline: str | None, target: float | None, fmt: str, plot_path: str | None, log_to_parent: bool,
-            debug: bool) -> None:
+            baseline: str | None, metric: str, target: float | None, fmt: str, plot_path: str | None,
+            log_to_parent: bool, debug: bool) -> None:
     """Compare groups of runs (policies, over seeds): did one reach good accuracy sooner?
 
     \b
@@ -296,12 +301,14 @@ def compare(experiment: str | None, parent: str | None, tracking_uri: str | None
       dbx compare                                     # the latest sweep in ./mlflow.db
       dbx compare --experiment synthetic --format markdown --plot curves.png
       dbx compare --parent 3f2a... --group-by policy.name --baseline fixed --target 0.93
+      dbx compare --experiment lm-cpu --metric test_perplexity --target 6.0   # language models
 
     Per group, mean and standard error over seeds: final and best test accuracy; epochs and
     training seconds to the group's own final accuracy minus 1 point, on the seed-averaged curve
     (the DiveBatch paper's metric); epochs and seconds to a common target accuracy (the fairer
-    one), also with evaluation time; speedups against the baseline. Exit code 2 when there is
-    nothing to compare.
+    one), also with evaluation time; speedups against the baseline. Language models are
+    compared by test perplexity (lower is better; "1%" is then 1% above the final value).
+    Exit code 2 when there is nothing to compare.
     """
     from dbx import report, tracking
 
@@ -310,7 +317,7 @@ def compare(experiment: str | None, parent: str | None, tracking_uri: str | None
             raise UserError("give --experiment or --parent, not both")
         uri = tracking.resolve_tracking_uri(tracking_uri)
         comparison = report.load_comparison(uri, experiment=experiment, parent=parent, group_by=group_by,
-                                            baseline=baseline, target=target)
+                                            baseline=baseline, target=target, metric=metric)
         if log_to_parent and len(comparison.parents) != 1:
             raise UserError("--log attaches to a sweep's parent run, but these runs have "
                             f"{len(comparison.parents) or 'no'} parents; compare one sweep with --parent RUN_ID")

@@ -38,11 +38,12 @@ def training_curves(history: list[dict[str, float]]) -> Any:
     return figure
 
 
-def comparison_curves(groups: Sequence[Any], *, target: float | None = None) -> Any:
-    """A 2x2 figure, one line per group with a band of +-1 standard error over seeds: test accuracy
-    against epochs and against wall seconds, batch size and lr against
-    epochs. ``groups`` are ``dbx.report.GroupCurves``: ``label``, ``epochs`` and ``series``
-    (metric -> (mean per epoch, standard error per epoch))."""
+def comparison_curves(groups: Sequence[Any], *, target: float | None = None, ylabel: str = "test accuracy") -> Any:
+    """A 2x2 figure, one line per group with a band of +-1 standard error over seeds: the compared
+    metric (``ylabel``: test accuracy, or perplexity) against epochs and against wall seconds,
+    batch size and lr against epochs. ``groups`` are ``dbx.report.GroupCurves``: ``label``,
+    ``epochs`` and ``series`` (``score``, ``wall_seconds``, ``batch_size``, ``lr`` -> (mean per
+    epoch, standard error per epoch))."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -56,8 +57,8 @@ def comparison_curves(groups: Sequence[Any], *, target: float | None = None) -> 
         color = colors[index % len(colors)]
         epochs = group.epochs
         series = group.series
-        if "test_accuracy" in series:
-            mean, se = series["test_accuracy"]
+        if "score" in series:
+            mean, se = series["score"]
             _line_with_band(acc_ax, epochs, mean, se, color, group.label)
             if "wall_seconds" in series:
                 seconds = series["wall_seconds"][0]
@@ -67,7 +68,9 @@ def comparison_curves(groups: Sequence[Any], *, target: float | None = None) -> 
         if "lr" in series:
             _line_with_band(lr_ax, epochs, *series["lr"], color, group.label)
     for ax in (acc_ax, time_ax):
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel(ylabel)
+        if "perplexity" in ylabel:  # from hundreds at the start to a few at the end
+            ax.set_yscale("log")
         if target is not None:
             ax.axhline(target, color="grey", linestyle=":", linewidth=1, label="common target")
     acc_ax.set_xlabel("epoch")

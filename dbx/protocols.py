@@ -13,8 +13,9 @@ goes through a deprecation period):
 =====================  ======================================================================
 ``dbx.protocols``      ``EpochState``, ``DiversityEstimate``, ``DataSplits`` (the records dbx
                        passes and expects), ``BatchSizePolicy``, ``DiversityEstimator``,
-                       ``ModelFactory``, ``DatasetFactory`` (the contracts, for type hints and
-                       ``isinstance`` checks; a plugin never needs to inherit from them)
+                       ``ModelFactory``, ``DatasetFactory``, ``OptimizerFactory``,
+                       ``LossFactory`` (the contracts, for type hints and ``isinstance`` checks;
+                       a plugin never needs to inherit from them)
 ``dbx.errors``         ``UserError``: raise it when the *user's input* is wrong (a missing data
                        file, a parameter combination that cannot work); dbx prints its message
                        without a traceback and exits with code 2
@@ -76,6 +77,8 @@ What dbx injects, per kind:
 ``dbx.estimators``   ``seed`` (int)
 ``dbx.models``       ``num_classes`` (int or None for regression), ``input_shape`` (tuple)
 ``dbx.datasets``     ``root`` (str: the spec's data root, ``~`` and ``$VARS`` expanded), ``seed``
+``dbx.optimizers``   ``params`` (the model's parameters, the first argument, as torch.optim has it)
+``dbx.losses``       nothing
 ==================  ====================================================================
 
 Resume
@@ -113,6 +116,8 @@ __all__ = [
     "DiversityEstimator",
     "ModelFactory",
     "DatasetFactory",
+    "OptimizerFactory",
+    "LossFactory",
 ]
 
 
@@ -125,8 +130,9 @@ class EpochState:
     ``batch_size`` is the batch size the epoch was trained with and ``lr`` its learning rate
     (after the schedule and any rescaling). ``samples_seen`` counts training samples over all
     epochs so far; ``dataset_size`` is the number of training samples (the same ``n`` the policy
-    was constructed with). Losses are means over samples; accuracies are fractions in [0, 1],
-    None for regression tasks.
+    was constructed with). Losses are means over samples (over counted tokens for sequence
+    tasks); accuracies are fractions in [0, 1] (token accuracy for sequence tasks), None for
+    regression tasks.
 
     ``throughput`` maps every batch size trained so far in this run (the epoch that just ended
     included) to the samples per second its training steps ran at on this machine, in the
@@ -220,6 +226,15 @@ class DataSplits:
     accuracy). ``augment`` is an optional batch-wise training augmentation for tensor data, called
     as ``augment(inputs, generator)`` on the training device; it must not change the batch size.
     ``description`` is one line for the run's log (what the data is, its size).
+
+    ``task`` says what is learnt: ``"classification"``, ``"regression"`` or ``"sequence"``;
+    None (the default) infers it: regression when ``num_classes`` is None, sequence when each
+    target is a row of token indices (targets of shape ``(N, T)``), classification otherwise. In
+    a sequence task (language modelling, token classification) an input is a sequence (e.g. token
+    ids of shape ``(T,)``), the model returns ``(B, T, num_classes)`` logits, ``num_classes`` is
+    the vocabulary, and a sample is a whole sequence: batch sizes, ``dataset_size`` and the
+    per-sample gradients of the diversity estimators count sequences, each sample's loss being
+    the sum over its tokens.
     """
 
     train: Any
@@ -228,6 +243,7 @@ class DataSplits:
     input_shape: tuple[int, ...]
     augment: Callable[["torch.Tensor", "torch.Generator"], "torch.Tensor"] | None = None
     description: str = ""
+    task: str | None = None
 
 
 @runtime_checkable
@@ -301,7 +317,9 @@ class DiversityEstimator(Protocol):
     1. ``attach(model)`` before the first step (register hooks here, not at construction);
     2. after every micro-batch's ``loss.backward()``, ``on_backward(loss_scale)``, where the loss
        that was back-propagated equals ``loss_scale * sum_i loss_i`` over the micro-batch's
-       per-sample losses; divide what the hooks saw by ``loss_scale`` to get per-sample gradients;
+       per-sample losses; divide what the hooks saw by ``loss_scale`` to get per-sample gradients.
+       ``loss_scale`` is one over the logical batch's samples, or, for sequence data, one over its
+       counted tokens (each sample's loss being the sum over its own tokens);
     3. once per optimizer step, before ``optimizer.step()``, ``on_step(loss_scale)``, when every
        parameter's ``.grad`` holds ``loss_scale * sum_i grad loss_i`` over the logical batch
        (weight decay is not in it). Steps the optimizer will not take reach ``on_step`` too and
@@ -311,8 +329,10 @@ class DiversityEstimator(Protocol):
        dbx's ``exact`` does.
 
     Under fp16, ``loss_scale`` is a 0-d tensor on the device (it holds the GradScaler's scale,
-    which changes between steps; reading it as a float would wait for the device); otherwise it is
-    a float.
+    which changes between steps; reading it as a float would wait for the device), and so it is
+    for sequence data whose targets may hold an ignore index (the counted tokens are summed on
+    the device); otherwise it is a float. With ``clip_grad_norm`` the gradients are clipped after
+    ``on_step``: the statistic is always of the unclipped per-sample gradients.
     4. at the end of the epoch, ``estimate(model, loss_fn, data)`` returning a
        ``DiversityEstimate``; ``loss_fn(outputs, targets, reduction="sum")`` is the run's loss and
        ``data`` is the training split (for estimators that draw their own samples at fixed
@@ -350,6 +370,8 @@ class ModelFactory(Protocol):
     ``num_classes`` and ``input_shape`` of the spec's dataset. ``num_classes`` is None for
     regression: return one output. The module maps a batch of inputs of shape
     ``(B, *input_shape)`` to ``(B, num_classes)`` (or ``(B, 1)``) logits; dbx applies the loss.
+    For sequence data (``DataSplits.task == "sequence"``: token ids ``(B, T)``, ``num_classes``
+    the vocabulary) it returns ``(B, T, num_classes)`` logits.
     Build it on the CPU and do not seed it; dbx seeds torch with the run's seed before calling you
     and moves the module to the device. An input shape the model cannot take is a ``ValueError``
     at construction that says which shapes it accepts, not an error in the first forward pass.
@@ -360,6 +382,38 @@ class ModelFactory(Protocol):
     """
 
     def __call__(self, *, num_classes: int | None, input_shape: tuple[int, ...], **params: Any) -> "torch.nn.Module": ...
+
+
+class OptimizerFactory(Protocol):
+    """``Factory(params, *, lr, **params) -> torch.optim.Optimizer`` (group ``dbx.optimizers``).
+
+    Constructed as torch.optim classes are (every one of them is registered this way, under its
+    lower-case name): the model's parameters first, in an argument called ``params``, then ``lr``
+    (the spec's learning rate at the initial batch size) and the spec's ``optimizer.params``,
+    checked against the signature's type hints. The optimizer must be a
+    ``torch.optim.Optimizer``: dbx writes each ``param_groups[i]["lr"]`` at the start of every
+    epoch (schedule times batch-size rescale) and saves ``state_dict()`` in every checkpoint,
+    read back with ``torch.load(weights_only=True)``, so keep the state to tensors and plain
+    values. An optional class attribute ``lr_scaling`` ("linear" or "sqrt") says which rule
+    ``lr_scaling: auto`` applies to it (otherwise: linear for SGD, sqrt for everything else).
+    """
+
+    def __call__(self, params: Any, *, lr: float, **settings: Any) -> "torch.optim.Optimizer": ...
+
+
+class LossFactory(Protocol):
+    """``factory(**params) -> loss`` (group ``dbx.losses``), where dbx calls
+    ``loss(outputs, targets, reduction="sum")`` for the sum of the batch's per-sample losses.
+
+    Conventions are torch's functional losses': ``(N, C)`` logits and ``(N,)`` class indices, or
+    outputs and targets of one shape for regression; for sequence data dbx flattens ``(B, T, V)``
+    and ``(B, T)`` to ``(B*T, V)`` and ``(B*T,)`` before the call. Optional attributes:
+    ``ignore_index`` (an int: targets that count for nothing; dbx leaves them out of token counts)
+    and ``tasks`` (a tuple of "classification", "regression", "sequence": the tasks the loss makes
+    sense for; another is an input error before the run).
+    """
+
+    def __call__(self, **params: Any) -> Callable[..., "torch.Tensor"]: ...
 
 
 class DatasetFactory(Protocol):

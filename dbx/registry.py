@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import types
 import typing
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,6 +22,8 @@ GROUPS: dict[str, str] = {
     "estimator": "dbx.estimators",
     "model": "dbx.models",
     "dataset": "dbx.datasets",
+    "optimizer": "dbx.optimizers",
+    "loss": "dbx.losses",
 }
 
 #: Keywords dbx passes to factories itself (when their signature accepts them); not spec params.
@@ -29,6 +32,8 @@ INJECTED: dict[str, tuple[str, ...]] = {
     "estimator": ("seed",),
     "model": ("num_classes", "input_shape"),
     "dataset": ("root", "seed"),
+    "optimizer": ("params",),  # the model's parameters, passed first, as torch.optim expects
+    "loss": (),
 }
 
 
@@ -207,7 +212,8 @@ def signature_problems(kind: str, factory: Any) -> list[str]:
         if p.kind is p.VAR_POSITIONAL:
             problems.append(f"it takes *{p.name}; dbx passes keywords only: remove it")
             continue
-        if p.kind is not p.KEYWORD_ONLY:
+        if p.kind is not p.KEYWORD_ONLY and not (kind == "optimizer" and p.kind is p.POSITIONAL_OR_KEYWORD):
+            # (an optimizer follows torch.optim: params first, its settings by name or position)
             problems.append(f"parameter {p.name!r} is not keyword-only; put a bare * before the parameters "
                             f"(def __init__(self, *, {p.name}...)) so the signature is the schema")
         if p.name in INJECTED[kind]:
@@ -229,8 +235,11 @@ def type_error(annotation: Any, value: Any) -> str | None:
         return None
     from pydantic import TypeAdapter, ValidationError
 
-    try:
-        TypeAdapter(annotation).validate_python(value, strict=_strict_for(annotation, value))
+    checkable = _checkable(annotation)
+    if checkable is None:
+        return None
+    try:  # strict, as check_params: "3" is not an int, 1 is not a bool (an int is still a fine float)
+        TypeAdapter(checkable).validate_python(_as_declared(checkable, value), strict=True)
     except ValidationError as exc:
         return exc.errors()[0]["msg"]
     except Exception:  # noqa: BLE001 - a hint pydantic cannot handle is accepted as-is
@@ -257,11 +266,12 @@ def check_params(kind: str, name: str, params: dict[str, Any]) -> list[tuple[tup
             valid = ", ".join(schema) or "none"
             problems.append(((key,), f"unknown parameter {key!r} for {kind} {name!r}.{hint} Valid parameters: {valid}"))
             continue
-        annotation = schema[key].annotation
-        if annotation is Any or annotation is inspect.Parameter.empty:
+        annotation = _checkable(schema[key].annotation)
+        if annotation is None or annotation is Any or annotation is inspect.Parameter.empty:
             continue
         try:
-            TypeAdapter(annotation).validate_python(value, strict=_strict_for(annotation, value))
+            # strict: "3" is not an int, 1 is not a bool (an int is still a fine float)
+            TypeAdapter(annotation).validate_python(_as_declared(annotation, value), strict=True)
         except ValidationError as exc:
             first = exc.errors()[0]
             expects = "" if typing.get_origin(annotation) is typing.Literal else f"; {name} expects {_type_name(annotation)}"
@@ -273,6 +283,53 @@ def check_params(kind: str, name: str, params: dict[str, Any]) -> list[tuple[tup
             problems.append(((key,), f"missing required parameter {key!r} for {kind} {name!r}"))
     return problems
 
+
+def _checkable(annotation: Any) -> Any:
+    """The part of a type hint that pydantic can check, or None when no part can.
+
+    Library signatures mix in types that no spec value can be, such as torch.optim's
+    ``lr: float | Tensor``: the ``Tensor`` is left out (so ``lr: "fast"`` is still refused)
+    rather than giving up on the whole hint.
+    """
+    from pydantic import TypeAdapter
+
+    try:
+        TypeAdapter(annotation)
+        return annotation
+    except Exception:  # noqa: BLE001 - a hint pydantic cannot build a schema for
+        pass
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        kept = [a for a in (_checkable(arg) for arg in args) if a is not None]
+        return typing.Union[tuple(kept)] if kept else None
+    if origin in (tuple, list) and args:
+        inner = [arg if arg is Ellipsis else _checkable(arg) for arg in args]
+        return None if any(a is None for a in inner) else origin[tuple(inner)]
+    return None
+
+
+def _as_declared(annotation: Any, value: Any) -> Any:
+    """A YAML list where the hint asks for a tuple (``betas: [0.9, 0.95]``) as that tuple."""
+    if isinstance(value, list) and _wants_tuple(annotation):
+        return tuple(value)
+    return value
+
+
+def _wants_tuple(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin is tuple or annotation is tuple:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_wants_tuple(arg) for arg in typing.get_args(annotation))
+    return False
+
+
+def declared_params(kind: str, name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with each YAML list turned into a tuple where the factory's hint wants one, so
+    the factory receives the types its signature names."""
+    schema, _ = params_of(kind, load(kind, name))
+    return {key: _as_declared(schema[key].annotation, value) if key in schema else value
+            for key, value in params.items()}
 
 def _shown(value: Any, width: int = 60) -> str:
     """``repr(value)``, cut to ``width`` characters: a message is one line, whatever the value."""
@@ -286,23 +343,23 @@ def _shown(value: Any, width: int = 60) -> str:
     return shortened if len(shortened) <= width else shortened[: width - 3] + "..."
 
 
-def _strict_for(annotation: Any, value: Any) -> bool:
-    # Strict mode rejects "3" for int and 3.5 for int; but ints are fine where floats are expected.
-    return not isinstance(value, int)
 
 
 def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
-def build(kind: str, name: str, params: dict[str, Any], **injected: Any) -> Any:
-    """Construct a plugin: its spec params plus whichever injected keywords it accepts."""
+def build(kind: str, name: str, params: dict[str, Any], /, **injected: Any) -> Any:
+    """Construct a plugin: its spec params plus whichever injected keywords it accepts.
+
+    (Positional-only, so that an optimizer's injected keyword can be called ``params``.)
+    """
     factory = load(kind, name)
     sig = inspect.signature(factory)
     takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
     extra = {k: v for k, v in injected.items() if takes_any or k in sig.parameters}
     try:
-        return factory(**params, **extra)
+        return factory(**declared_params(kind, name, params), **extra)
     except UserError:
         raise
     except (TypeError, ValueError) as exc:

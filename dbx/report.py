@@ -17,6 +17,11 @@ error of:
   "not reached", or how many of its seeds reached it;
 - speedups against the baseline group: baseline seconds / group seconds, for both metrics.
 
+The metric is the test accuracy by default, or ``test_perplexity`` / ``test_loss`` (lower is
+better) for language models (``--metric``; ``auto`` picks perplexity when every run logged it).
+For those, "+-1%" is within 1% of the group's own final value (``final * 1.01``), and the default
+common target is the baseline's final value times 1.01.
+
 Nothing here trains anything or talks to MLflow directly: ``dbx.tracking`` reads the runs.
 """
 from __future__ import annotations
@@ -41,14 +46,52 @@ FORMATS = ("table", "markdown", "csv", "json")
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Metric:
+    """The per-epoch test metric runs are compared by, and what reaching a mark of it means."""
+
+    key: str  # the MLflow metric
+    label: str  # for column headings
+    higher_is_better: bool
+    percent: bool = False  # shown times 100 (accuracy)
+
+    def reaches(self, value: float, threshold: float) -> bool:
+        """At or past ``threshold`` in the good direction (1e-12 of slack for rounding)."""
+        if self.higher_is_better:
+            return value >= threshold - 1e-12
+        return value <= threshold + 1e-12
+
+    def near(self, final: float) -> float:
+        """The "+-1%" mark of a final value: 1 point below an accuracy, 1% above a perplexity or loss."""
+        return final - ONE_POINT if self.higher_is_better else final * (1.0 + ONE_POINT)
+
+    def best(self, values: Sequence[float]) -> float:
+        return max(values) if self.higher_is_better else min(values)
+
+    def show(self, value: float) -> str:
+        return f"{value * 100:.2f}%" if self.percent else f"{value:.4g}"
+
+    @property
+    def near_words(self) -> str:
+        return "final accuracy minus 1 point" if self.higher_is_better else f"final {self.label} plus 1%"
+
+
+METRICS = {
+    "test_accuracy": Metric("test_accuracy", "acc %", True, percent=True),
+    "test_perplexity": Metric("test_perplexity", "ppl", False),
+    "test_loss": Metric("test_loss", "loss", False),
+}
+
+
 @dataclass
 class RunCurves:
-    """One run's per-epoch numbers, aligned on ``epochs`` (1, 2, ...)."""
+    """One run's per-epoch numbers, aligned on ``epochs`` (1, 2, ...); ``score`` is the compared
+    metric (the test accuracy unless the comparison says otherwise)."""
 
     name: str
     group: str
     epochs: list[int]
-    test_accuracy: list[float]
+    score: list[float]
     epoch_seconds: list[float]  # training only
     eval_seconds: list[float]
     wall_seconds: list[float] = field(default_factory=list)
@@ -104,6 +147,7 @@ class Comparison:
     groups: list[GroupResult]
     skipped: list[str] = field(default_factory=list)  # runs left out, with why
     parents: list[str] = field(default_factory=list)  # the sweep parent runs of the compared runs
+    metric: Metric = field(default_factory=lambda: METRICS["test_accuracy"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,10 +183,12 @@ def mean_curve(runs: Sequence[RunCurves], metric: str) -> tuple[list[int], list[
     return epochs, [e.mean for e in estimates], [e.se or 0.0 for e in estimates]
 
 
-def first_epoch_reaching(epochs: Sequence[int], accuracy: Sequence[float], threshold: float) -> int | None:
-    """The first epoch whose accuracy is at least ``threshold`` (1e-12 of slack for rounding)."""
-    for epoch, value in zip(epochs, accuracy, strict=True):
-        if value >= threshold - 1e-12:
+def first_epoch_reaching(epochs: Sequence[int], values: Sequence[float], threshold: float,
+                         metric: Metric | None = None) -> int | None:
+    """The first epoch whose value reaches ``threshold`` (at least it, for an accuracy)."""
+    metric = metric or METRICS["test_accuracy"]
+    for epoch, value in zip(epochs, values, strict=True):
+        if metric.reaches(value, threshold):
             return epoch
     return None
 
@@ -157,23 +203,24 @@ def seconds_until(run: RunCurves, epoch: int, *, with_eval: bool = False) -> flo
     return total
 
 
-def summarize_group(group: str, runs: Sequence[RunCurves], target: float) -> GroupResult:
+def summarize_group(group: str, runs: Sequence[RunCurves], target: float, metric: Metric | None = None) -> GroupResult:
     """Every number of one group's row (speedups are filled in by ``compare``)."""
+    metric = metric or METRICS["test_accuracy"]
     of = len(runs)
-    finals = [r.test_accuracy[-1] for r in runs]
+    finals = [r.score[-1] for r in runs]
     final = mean_se(finals)
-    best = mean_se([max(r.test_accuracy) for r in runs])
+    best = mean_se([metric.best(r.score) for r in runs])
 
-    # The paper's metric: on the seed-averaged curve, against the group's own final accuracy.
-    epochs, mean_acc, _ = mean_curve(runs, "test_accuracy")
-    own = first_epoch_reaching(epochs, mean_acc, final.mean - ONE_POINT)
+    # The paper's metric: on the seed-averaged curve, against the group's own final value.
+    epochs, mean_score, _ = mean_curve(runs, "score")
+    own = first_epoch_reaching(epochs, mean_score, metric.near(final.mean), metric)
     if own is None:  # cannot happen with equal-length runs (the last epoch qualifies); kept honest
         seconds_own = Estimate(None, None, 0, of)
     else:
         seconds_own = mean_se([seconds_until(r, own) for r in runs if own in r.epochs], of)
 
     # The common target: per seed, the first epoch at or above it.
-    hits = [(r, first_epoch_reaching(r.epochs, r.test_accuracy, target)) for r in runs]
+    hits = [(r, first_epoch_reaching(r.epochs, r.score, target, metric)) for r in runs]
     reached = [(r, e) for r, e in hits if e is not None]
     return GroupResult(
         group=group, runs=[r.name for r in runs], final_accuracy=final, best_accuracy=best,
@@ -187,9 +234,9 @@ def summarize_group(group: str, runs: Sequence[RunCurves], target: float) -> Gro
 def group_curves(label: str, runs: Sequence[RunCurves]) -> GroupCurves:
     series = {}
     epochs: list[int] = []
-    for metric in ("test_accuracy", "wall_seconds", "batch_size", "lr"):
+    for metric in ("score", "wall_seconds", "batch_size", "lr"):
         e, mean, se = mean_curve(runs, metric)
-        if metric == "test_accuracy":
+        if metric == "score":
             epochs = e
         if e == epochs:
             series[metric] = (mean, se)
@@ -197,28 +244,29 @@ def group_curves(label: str, runs: Sequence[RunCurves]) -> GroupCurves:
 
 
 def compare(runs: Sequence[RunCurves], *, baseline: str | None = None, target: float | None = None,
-            what: str = "runs", skipped: Sequence[str] = ()) -> Comparison:
+            what: str = "runs", skipped: Sequence[str] = (), metric: Metric | None = None) -> Comparison:
     """Group ``runs`` (in order of first appearance) and fill in every number of the table."""
+    metric = metric or METRICS["test_accuracy"]
     groups: dict[str, list[RunCurves]] = {}
     for run in runs:
         groups.setdefault(run.group, []).append(run)
     if not groups:
-        raise UserError(f"{what}: no finished runs with a test accuracy to compare"
+        raise UserError(f"{what}: no finished runs with a {metric.key} to compare"
                         + (f" ({len(skipped)} left out: {'; '.join(skipped[:5])})" if skipped else "."))
     baseline = baseline if baseline is not None else next(iter(groups))
     if baseline not in groups:
         raise UserError(f"--baseline {baseline!r} is not one of the groups: {', '.join(groups)}")
     if target is None:
-        base_final = mean_se([r.test_accuracy[-1] for r in groups[baseline]]).mean
-        target, source = base_final - ONE_POINT, f"the final accuracy of {baseline} minus 1 point"
+        base_final = mean_se([r.score[-1] for r in groups[baseline]]).mean
+        target, source = metric.near(base_final), f"{baseline}'s {metric.near_words}"
     else:
         source = "--target"
-    results = [summarize_group(name, members, target) for name, members in groups.items()]
+    results = [summarize_group(name, members, target, metric) for name, members in groups.items()]
     base = next(r for r in results if r.group == baseline)
     for result in results:
         result.speedup_own = _ratio(base.seconds_to_own, result.seconds_to_own)
         result.speedup_target = _ratio(base.seconds_to_target, result.seconds_to_target)
-    return Comparison(what, baseline, target, source, results, list(skipped))
+    return Comparison(what, baseline, target, source, results, list(skipped), metric=metric)
 
 
 def _ratio(baseline: Estimate, other: Estimate) -> float | None:
@@ -250,41 +298,64 @@ def group_of(record: Any, group_by: str) -> str:
     return "/".join(parts)
 
 
-def curves_from_record(record: Any, group: str) -> RunCurves | None:
-    """The run's per-epoch curves, or None when it logged no test accuracy."""
+def curves_from_record(record: Any, group: str, metric: str = "test_accuracy") -> RunCurves | None:
+    """The run's per-epoch curves, or None when it logged no ``metric``."""
     history = record.history
-    accuracy = history.get("test_accuracy") or {}
-    epochs = sorted(accuracy)
+    score = history.get(metric) or {}
+    epochs = sorted(score)
     if not epochs:
         return None
 
-    def column(metric: str) -> list[float]:
-        values = history.get(metric) or {}
+    def column(name: str) -> list[float]:
+        values = history.get(name) or {}
         return [values.get(e, math.nan) for e in epochs]
 
-    return RunCurves(record.name, group, epochs, [accuracy[e] for e in epochs], column("epoch_seconds"),
+    return RunCurves(record.name, group, epochs, [score[e] for e in epochs], column("epoch_seconds"),
                      column("eval_seconds"), column("wall_seconds"), column("batch_size"), column("lr"))
 
 
+def choose_metric(name: str, records: Sequence[Any]) -> Metric:
+    """``--metric``: a key of ``METRICS``, or ``auto``: perplexity when every finished run logged it
+    (language models), the test accuracy otherwise."""
+    if name == "auto":
+        finished = [r for r in records if r.status == "FINISHED"]
+        logs_perplexity = bool(finished) and all(r.history.get("test_perplexity") for r in finished)
+        name = "test_perplexity" if logs_perplexity else "test_accuracy"
+    if name not in METRICS:
+        raise UserError(f"--metric {name!r} is not one of auto, {', '.join(METRICS)}")
+    return METRICS[name]
+
+
+def _check_target(target: float, metric: Metric) -> None:
+    if metric.percent and not 0.0 <= target <= 1.0:
+        raise UserError(f"--target {target:g} is not an accuracy between 0 and 1 (write 0.9 for 90%).")
+    if metric.key == "test_perplexity" and target < 1.0:
+        raise UserError(f"--target {target:g} is not a perplexity (they are at least 1).")
+
+
 def load_comparison(uri: str, *, experiment: str | None = None, parent: str | None = None,
-                    group_by: str = "name", baseline: str | None = None, target: float | None = None) -> Comparison:
+                    group_by: str = "name", baseline: str | None = None, target: float | None = None,
+                    metric: str = "auto") -> Comparison:
     """``compare`` over the finished runs of a sweep, of an experiment, or of the latest sweep."""
     from dbx import tracking
 
-    if target is not None and not 0.0 <= target <= 1.0:
-        raise UserError(f"--target {target:g} is not an accuracy between 0 and 1 (write 0.9 for 90%).")
+    if target is not None and metric in METRICS:
+        _check_target(target, METRICS[metric])
     what, records = tracking.runs_to_compare(uri, experiment=experiment, parent=parent)
+    chosen = choose_metric(metric, records)
+    if target is not None:
+        _check_target(target, chosen)
     runs, skipped = [], []
     for record in records:
         if record.status != "FINISHED":
             skipped.append(f"{record.name} ({record.status})")
             continue
-        curves = curves_from_record(record, group_of(record, group_by))
+        curves = curves_from_record(record, group_of(record, group_by), chosen.key)
         if curves is None:
-            skipped.append(f"{record.name} (no test_accuracy)")
+            skipped.append(f"{record.name} (no {chosen.key})")
             continue
         runs.append(curves)
-    comparison = compare(runs, baseline=baseline, target=target, what=what, skipped=skipped)
+    comparison = compare(runs, baseline=baseline, target=target, what=what, skipped=skipped, metric=chosen)
     comparison.parents = sorted({r.tags["mlflow.parentRunId"] for r in records if "mlflow.parentRunId" in r.tags})
     return comparison
 
@@ -298,8 +369,14 @@ COLUMNS = ("group", "runs", "final acc %", "best acc %", "epochs to ±1%", "trai
 NOT_REACHED = "not reached"
 
 
-def _pct(e: Estimate) -> str:
-    return _fmt(e, scale=100.0, digits=2)
+def columns(comparison: Comparison) -> tuple[str, ...]:
+    """The table's headings, named after the compared metric."""
+    label = comparison.metric.label
+    return (COLUMNS[0], COLUMNS[1], f"final {label}", f"best {label}", *COLUMNS[4:])
+
+
+def _score(e: Estimate, metric: Metric) -> str:
+    return _fmt(e, scale=100.0, digits=2) if metric.percent else _fmt(e, digits=3)
 
 
 def _fmt(e: Estimate, scale: float = 1.0, digits: int = 2) -> str:
@@ -323,7 +400,7 @@ def rows(comparison: Comparison) -> list[list[str]]:
     for g in comparison.groups:
         out.append([
             g.group + (" (baseline)" if g.group == comparison.baseline else ""), str(len(g.runs)),
-            _pct(g.final_accuracy), _pct(g.best_accuracy),
+            _score(g.final_accuracy, comparison.metric), _score(g.best_accuracy, comparison.metric),
             str(g.epochs_to_own) if g.epochs_to_own is not None else NOT_REACHED, _fmt(g.seconds_to_own),
             _speed(g.speedup_own),
             _fmt(g.epochs_to_target, digits=1), _fmt(g.seconds_to_target), _fmt(g.seconds_to_target_with_eval),
@@ -332,11 +409,13 @@ def rows(comparison: Comparison) -> list[list[str]]:
 
 
 def notes(comparison: Comparison) -> list[str]:
+    metric = comparison.metric
+    name = metric.key.replace("_", " ")
     lines = [
         f"Runs: {comparison.what}. Mean ± standard error over seeds.",
-        "±1%: the paper's metric: first epoch where the seed-averaged accuracy reaches the group's own "
-        "final accuracy minus 1 point; seconds are training time only (evaluation excluded).",
-        f"target: the common target accuracy {comparison.target * 100:.2f}% ({comparison.target_source}), "
+        f"±1%: the paper's metric: first epoch where the seed-averaged {name} reaches the group's own "
+        f"{metric.near_words}; seconds are training time only (evaluation excluded).",
+        f"target: the common target {name} {metric.show(comparison.target)} ({comparison.target_source}), "
         "first reached per seed; (k/n): only k of the n seeds reached it, 'not reached': none did.",
         f"speedup: {comparison.baseline} seconds / group seconds (n/a unless every seed of both reached).",
     ]
@@ -348,7 +427,7 @@ def notes(comparison: Comparison) -> list[str]:
 def render(comparison: Comparison, fmt: str) -> str:
     """The comparison as ``table`` (rich, for a terminal), ``markdown``, ``csv`` or ``json``."""
     if fmt == "markdown":
-        header = "| " + " | ".join(COLUMNS) + " |"
+        header = "| " + " | ".join(columns(comparison)) + " |"
         rule = "|" + "|".join("---" if i == 0 else "--:" for i in range(len(COLUMNS))) + "|"
         body = ["| " + " | ".join(r) + " |" for r in rows(comparison)]
         return "\n".join([header, rule, *body, "", *(f"- {line}" for line in notes(comparison))]) + "\n"
@@ -366,9 +445,10 @@ def _rich_table(comparison: Comparison) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"target accuracy {comparison.target * 100:.2f}%  ·  baseline {comparison.baseline}",
-                  title_justify="left", box=box.SIMPLE_HEAD)
-    for i, column in enumerate(COLUMNS):
+    metric = comparison.metric
+    table = Table(title=f"target {metric.key.replace('_', ' ')} {metric.show(comparison.target)}  ·  "
+                        f"baseline {comparison.baseline}", title_justify="left", box=box.SIMPLE_HEAD)
+    for i, column in enumerate(columns(comparison)):
         header = re.sub(r" (to |±1%$|target$|acc)", r"\n\1", column, count=1) if i else column
         table.add_column(header, justify="left" if i == 0 else "right", no_wrap=True)
     for row in rows(comparison):
@@ -389,7 +469,8 @@ def to_dict(comparison: Comparison) -> dict[str, Any]:
         entry.pop("curves")
         entry["baseline"] = g.group == comparison.baseline
         groups.append(entry)
-    return {"what": comparison.what, "baseline": comparison.baseline, "target": comparison.target,
+    return {"what": comparison.what, "metric": comparison.metric.key, "baseline": comparison.baseline,
+            "target": comparison.target,
             "target_source": comparison.target_source, "skipped": comparison.skipped, "groups": groups}
 
 
@@ -423,7 +504,7 @@ def figure(comparison: Comparison) -> Any:
     from dbx.plots import comparison_curves
 
     return comparison_curves([g.curves for g in comparison.groups if g.curves is not None],
-                             target=comparison.target)
+                             target=comparison.target, ylabel=comparison.metric.key.replace("_", " "))
 
 
 def save_plot(comparison: Comparison, path: str) -> None:

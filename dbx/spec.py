@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import json
+import math
 import os
 import re
 import types
@@ -33,6 +34,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from dbx.errors import UserError
@@ -44,6 +46,7 @@ __all__ = [
     "DataSpec",
     "ModelSpec",
     "OptimizerSpec",
+    "LossSpec",
     "ScheduleSpec",
     "TrackingSpec",
     "Spec",
@@ -137,30 +140,137 @@ class DataSpec(PluginSpec):
     )
 
 
-class OptimizerSpec(_Section):
-    """SGD settings. ``lr`` is the rate at the initial batch size; ``lr_scaling`` adapts it."""
+#: The keys of the SGD shorthand, ``optimizer: {lr, momentum, weight_decay, nesterov}``, and the
+#: defaults they have always had with ``name: sgd`` (momentum 0.9, unlike torch.optim.SGD's 0).
+SGD_SHORTHAND_DEFAULTS: dict[str, Any] = {"momentum": 0.9, "weight_decay": 0.0, "nesterov": False}
 
-    lr: Number = Field(gt=0, description="learning rate at the initial batch size")
-    momentum: Number = Field(0.9, ge=0, lt=1, description="SGD momentum, in [0, 1)")
-    weight_decay: Number = Field(0.0, ge=0, description="L2 weight decay")
-    nesterov: StrictBool = Field(False, description="Nesterov momentum (needs momentum > 0)")
+
+class OptimizerSpec(_Section):
+    """The optimizer: a ``dbx.optimizers`` plugin by name (every ``torch.optim`` class is one).
+
+    Two forms, one meaning. The SGD shorthand of earlier versions stays valid:
+    ``optimizer: {lr: 0.1, momentum: 0.9, weight_decay: 5e-4, nesterov: false}``. The general form
+    names the optimizer and passes its constructor's keyword arguments in ``params``:
+    ``optimizer: {name: adamw, params: {lr: 3e-4, weight_decay: 0.1, betas: [0.9, 0.95]}}``
+    (``params`` is checked against the constructor's signature, as for every plugin). ``lr`` may
+    be written beside ``name`` or inside ``params``, once; it is the rate at the initial batch
+    size, from which the schedule and ``lr_scaling`` start.
+    """
+
+    name: StrictStr = Field(
+        "sgd", min_length=1,
+        description="the optimizer's registered name: sgd, adamw, adam, ... (any torch.optim class, lower case, "
+                    "or a dbx.optimizers plugin; see `dbx plugins`)",
+    )
+    lr: Number | None = Field(
+        None, gt=0,
+        description="learning rate at the initial batch size (may be given as params.lr instead); required",
+    )
+    momentum: Number | None = Field(
+        None, ge=0, lt=1, description="SGD shorthand: momentum in [0, 1); with name sgd it defaults to 0.9"
+    )
+    weight_decay: Number | None = Field(
+        None, ge=0, description="SGD shorthand: L2 weight decay (default 0); for other optimizers use params"
+    )
+    nesterov: StrictBool | None = Field(
+        None, description="SGD shorthand: Nesterov momentum, needs momentum > 0 (default false)"
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="keyword arguments of the optimizer's constructor (betas, eps, weight_decay, ...); "
+                    "checked against its signature",
+    )
+
+    @field_validator("momentum", "weight_decay", "nesterov")
+    @classmethod
+    def _shorthand_is_for_sgd(cls, value: Any, info: ValidationInfo) -> Any:
+        name = info.data.get("name")
+        if value is not None and name is not None and name != "sgd":
+            raise ValueError(f"{info.field_name} beside name is SGD shorthand; for optimizer {name!r} write it in "
+                             f"params (e.g. params: {{{info.field_name}: ...}}), as the constructor names it")
+        return value
 
     @field_validator("nesterov")
     @classmethod
-    def _nesterov_needs_momentum(cls, value: bool, info: ValidationInfo) -> bool:
+    def _nesterov_needs_momentum(cls, value: bool | None, info: ValidationInfo) -> bool | None:
         momentum = info.data.get("momentum")
         if value and momentum is not None and momentum <= 0:
             raise ValueError("nesterov: true needs momentum > 0; set momentum (e.g. 0.9) or nesterov: false")
         return value
 
+    @field_validator("params")
+    @classmethod
+    def _each_setting_once(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        twice = [key for key in ("lr", *SGD_SHORTHAND_DEFAULTS) if key in value and info.data.get(key) is not None]
+        if twice:
+            key = twice[0]
+            raise ValueError(f"{key} is given twice, as optimizer.{key} and optimizer.params.{key}; keep one")
+        if "lr" in value:
+            lr = value["lr"]
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+                raise ValueError(f"params.lr must be a positive number, got {_show(lr)}")
+        elif info.data.get("lr") is None and "lr" in info.data:
+            raise ValueError("missing the learning rate: set optimizer.lr (or optimizer.params.lr), "
+                             "the rate at the initial batch size")
+        return value
+
+    @model_validator(mode="after")
+    def _sgd_defaults(self) -> "OptimizerSpec":
+        """With ``name: sgd``, the shorthand keys keep the defaults they always had (so
+        ``{lr: 0.1}`` and ``{name: sgd, params: {lr: 0.1}}`` are the same optimizer)."""
+        if self.name == "sgd":
+            for key, default in SGD_SHORTHAND_DEFAULTS.items():
+                if getattr(self, key) is None and key not in self.params:
+                    setattr(self, key, default)
+        return self
+
+    @property
+    def base_lr(self) -> float:
+        """The learning rate at the initial batch size, wherever the spec wrote it."""
+        return float(self.lr if self.lr is not None else self.params["lr"])
+
+    def constructor_kwargs(self) -> dict[str, Any]:
+        """Everything the optimizer's constructor receives besides the model's parameters."""
+        shorthand = {key: getattr(self, key) for key in SGD_SHORTHAND_DEFAULTS if getattr(self, key) is not None}
+        return {**shorthand, **{k: v for k, v in self.params.items() if k != "lr"}, "lr": self.base_lr}
+
+
+class LossSpec(_Section):
+    """The training loss: a ``dbx.losses`` plugin, or null for the one the data implies."""
+
+    name: StrictStr | None = Field(
+        None, min_length=1,
+        description="cross_entropy | mse | huber | a dbx.losses plugin; null: cross_entropy for classes and "
+                    "tokens, mse for regression",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="keyword arguments of the loss (cross_entropy: label_smoothing, ignore_index; huber: delta)",
+    )
+
+    @field_validator("params")
+    @classmethod
+    def _params_need_a_name(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if value and info.data.get("name") is None and "name" in info.data:
+            raise ValueError("params need a loss name, e.g. loss: {name: cross_entropy, params: {label_smoothing: 0.1}}")
+        return value
+
 
 class ScheduleSpec(_Section):
-    """How the learning rate changes over epochs (on top of batch-size scaling)."""
+    """How the learning rate changes over epochs (on top of batch-size scaling).
 
-    name: Literal["constant", "cosine", "multistep", "step"] = Field(
-        "constant", description="constant | cosine | multistep | step"
+    Every schedule is a function of the epoch alone, so it keeps its shape when the batch size
+    (and so the number of steps per epoch) changes, and a resumed run needs no scheduler state.
+    """
+
+    name: Literal["constant", "cosine", "linear", "onecycle", "multistep", "step"] = Field(
+        "constant", description="constant | cosine | linear | onecycle | multistep | step"
     )
-    t_max: PositiveInt | None = Field(None, description="cosine period in epochs; null means `epochs`")
+    t_max: PositiveInt | None = Field(
+        None, description="cosine and linear: the decay's length in epochs; null means `epochs`"
+    )
     milestones: list[PositiveInt] = Field(
         default_factory=list,
         validate_default=True,
@@ -170,8 +280,16 @@ class ScheduleSpec(_Section):
     step_size: PositiveInt | None = Field(
         None, validate_default=True, description="step: decay every this many epochs (required for `step`)"
     )
-    warmup_epochs: StrictInt = Field(0, ge=0, description="linear warm-up from 0 over this many epochs")
-    min_lr: Number = Field(0.0, ge=0, description="cosine: the lowest learning rate")
+    warmup_epochs: StrictInt = Field(
+        0, ge=0,
+        description="linear warm-up: epoch e <= warmup_epochs runs at e / warmup_epochs of the scheduled lr "
+                    "(epoch 1 at 1/warmup_epochs, epoch warmup_epochs at the full rate); 0: none",
+    )
+    min_lr: Number = Field(0.0, ge=0, description="cosine, linear, onecycle: the lowest learning rate, reached at the end")
+    pct_start: Number = Field(
+        0.3, gt=0, lt=1, description="onecycle: the fraction of the epochs spent rising to lr"
+    )
+    div_factor: Number = Field(25.0, ge=1, description="onecycle: the first epoch's lr is lr / div_factor")
 
     @field_validator("milestones")
     @classmethod
@@ -187,6 +305,13 @@ class ScheduleSpec(_Section):
     def _step_needs_step_size(cls, value: int | None, info: ValidationInfo) -> int | None:
         if info.data.get("name") == "step" and value is None:
             raise ValueError("schedule 'step' needs step_size, e.g. step_size: 30")
+        return value
+
+    @field_validator("warmup_epochs")
+    @classmethod
+    def _onecycle_warms_up_itself(cls, value: int, info: ValidationInfo) -> int:
+        if value and info.data.get("name") == "onecycle":
+            raise ValueError("schedule 'onecycle' rises on its own (pct_start, div_factor); set warmup_epochs: 0")
         return value
 
 
@@ -237,7 +362,8 @@ class Spec(_Section):
     device: StrictStr = Field("auto", pattern=DEVICE_PATTERN, description="auto | cpu | cuda | cuda:N")
     data: DataSpec = Field(description="the dataset plugin and its parameters")
     model: ModelSpec = Field(description="the model plugin and its parameters")
-    optimizer: OptimizerSpec = Field(description="SGD settings; lr is required")
+    optimizer: OptimizerSpec = Field(description="the optimizer (sgd, adamw, ... or a plugin) and its settings; lr is required")
+    loss: LossSpec = Field(default_factory=LossSpec, description="the training loss; by default the one the data implies")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="learning-rate schedule")
     epochs: StrictInt = Field(gt=0, le=MAX_EPOCHS, description="number of passes over the training data")
     policy: PluginSpec = Field(description="the batch-size policy plugin: fixed, adabatch, divebatch, ...")
@@ -245,11 +371,22 @@ class Spec(_Section):
         default_factory=lambda: PluginSpec(name="exact"),
         description="the gradient-diversity estimator, used when the policy needs one",
     )
-    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
-        "none", description="how lr follows batch-size changes: none | linear | sqrt"
+    lr_scaling: Literal["none", "linear", "sqrt", "auto"] = Field(
+        "none",
+        description="how lr follows batch-size changes: none | linear | sqrt | auto (linear for SGD, sqrt for "
+                    "adaptive optimizers such as Adam); none keeps the schedule as written",
+    )
+    clip_grad_norm: Number | None = Field(
+        None, gt=0,
+        description="clip the gradient's global L2 norm to this value before each optimizer step (the estimator "
+                    "has already read the unclipped per-sample gradients); null: no clipping",
     )
     target_accuracy: Number | None = Field(
         None, ge=0, le=1, description="test accuracy that counts as 'reached' for time-to-target"
+    )
+    target_perplexity: Number | None = Field(
+        None, ge=1,
+        description="sequence tasks: test perplexity (lower is better) that counts as 'reached' for time-to-target",
     )
     max_micro_batch: PositiveInt | None = Field(
         None, description="largest physical batch; larger logical batches are accumulated"
@@ -267,6 +404,13 @@ class Spec(_Section):
         None, description="grid of runs: dotted key path -> list of values, e.g. {seed: [0, 1, 2]}; keys joined by + vary "
         "together: {policy+lr_scaling: [[{name: fixed}, none], [{name: divebatch}, linear]]}"
     )
+
+    @field_validator("target_perplexity")
+    @classmethod
+    def _one_target(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and info.data.get("target_accuracy") is not None:
+            raise ValueError("give target_accuracy or target_perplexity, not both: time-to-target counts one of them")
+        return value
 
     _origin: _Origin = PrivateAttr(default_factory=lambda: _Origin())
 
@@ -736,6 +880,10 @@ def _friendly(error: dict[str, Any], path: Path) -> str:
         return f"missing required key {key!r}{hint}"
     if kind == "extra_forbidden":
         model = _model_at(path[:-1])
+        if model is OptimizerSpec and not difflib.get_close_matches(key, list(model.model_fields), n=1):
+            return (f"unknown key {key!r}. The optimizer's own settings go in optimizer.params, "
+                    f"e.g. params: {{{key}: ...}}; beside name only lr (and, for sgd, momentum, weight_decay, "
+                    f"nesterov) may be written")
         return f"unknown key {key!r}." + (_did_you_mean(key, list(model.model_fields)) if model else "")
     if kind in _EXPECTED:
         message = f"expected {_EXPECTED[kind]}, got {_show(value)}"

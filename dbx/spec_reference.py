@@ -168,9 +168,12 @@ def builtin_plugins() -> Iterator[tuple[str, str, str, list[tuple[str, str, str]
 
 
 def _type_text(annotation: Any) -> str:
+    from dbx.registry import _checkable
+
     if annotation is Any or annotation is inspect.Parameter.empty:
         return "any"
-    return _kind(annotation, [])
+    checkable = _checkable(annotation)  # what a spec can give: torch.optim's `float | Tensor` is a number
+    return _kind(checkable if checkable is not None else annotation, [])
 
 
 def _plain(value: Any) -> Any:
@@ -201,7 +204,8 @@ def markdown_reference() -> str:
         lines.append(f"| `{key.path}` | {_cell(key.kind)} | {_cell(key.default, code=True)} | {_cell(key.description)} |")
     lines += ["", "## Built-in plugins and their params", "",
               "What `name:` may say in each section, and the keys its `params:` may hold.", ""]
-    sections = {"policy": "policy", "estimator": "estimator", "model": "model", "dataset": "data"}
+    sections = {"policy": "policy", "estimator": "estimator", "model": "model", "dataset": "data",
+                "optimizer": "optimizer", "loss": "loss"}
     for kind, name, summary, rows in builtin_plugins():
         lines += [f"### `{sections[kind]}: {{name: {name}}}`", "", summary, ""]
         if rows:

@@ -676,7 +676,8 @@ def _close(a: float, b: float, rtol: float) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 def check_model(factory: Callable[..., Any], *, input_shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10,
-                params: dict[str, Any] | None = None, seed: int = 0, regression: bool = True) -> None:
+                params: dict[str, Any] | None = None, seed: int = 0, regression: bool = True,
+                sequence: bool = False) -> None:
     """Check a model factory against ``dbx.protocols.ModelFactory``; raise ``ContractError``.
 
     Checked: the signature works as the parameter schema; it builds a CPU ``torch.nn.Module``
@@ -685,7 +686,9 @@ def check_model(factory: Callable[..., Any], *, input_shape: tuple[int, ...] = (
     mode, and the backward reaches the parameters; two builds after ``torch.manual_seed(seed)``
     have the same weights (the factory must not seed torch itself); the weights, written to a
     checkpoint and read back (``torch.load(weights_only=True)``) into a model built with another
-    seed, give the same outputs.
+    seed, give the same outputs. With ``sequence`` (a model for sequence data: ``input_shape`` is
+    ``(T,)``, ``num_classes`` the vocabulary), the inputs are token ids in ``[0, num_classes)``
+    and the outputs must be ``(2, T, num_classes)``.
     """
     import torch
     from torch import nn
@@ -693,7 +696,7 @@ def check_model(factory: Callable[..., Any], *, input_shape: tuple[int, ...] = (
     params = dict(params or {})
     subject = f"model {_describe(factory)}"
     problems = _schema_problems("model", factory, params)
-    cases = [num_classes, None] if regression else [num_classes]
+    cases = [num_classes, None] if regression and not sequence else [num_classes]
     for classes in cases:
         label = f"num_classes={classes}"
         torch.manual_seed(seed)
@@ -709,6 +712,9 @@ def check_model(factory: Callable[..., Any], *, input_shape: tuple[int, ...] = (
             problems.append(f"{label}: the model has tensors on {off_cpu}; build it on the CPU (dbx moves it)")
         expected = (2, classes if classes is not None else 1)
         x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(seed))
+        if sequence:
+            expected = (2, *input_shape, classes)
+            x = torch.randint(0, classes, (2, *input_shape), generator=torch.Generator().manual_seed(seed))
         try:
             model.eval()
             with torch.no_grad():

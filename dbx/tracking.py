@@ -354,8 +354,8 @@ class RunRecord:
     history: dict[str, dict[int, float]]
 
 
-COMPARED_METRICS = ("test_accuracy", "epoch_seconds", "eval_seconds", "train_seconds", "wall_seconds",
-                    "batch_size", "lr")
+COMPARED_METRICS = ("test_accuracy", "test_perplexity", "test_loss", "epoch_seconds", "eval_seconds",
+                    "train_seconds", "wall_seconds", "batch_size", "lr")
 
 
 def runs_to_compare(uri: str, *, experiment: str | None = None, parent: str | None = None) -> tuple[str, list[RunRecord]]:

@@ -33,9 +33,23 @@ def test_every_estimator_keeps_the_contract(name):
     assert estimate.samples == 48  # every built-in sees all samples of this small epoch
 
 
+# Models that need a name (the library adapters) or sequence data, checked at a small size.
+MODEL_CHECKS: dict[str, dict[str, Any]] = {
+    "transformer_lm": dict(input_shape=(12,), num_classes=30, sequence=True,
+                           params={"width": 16, "depth": 1, "heads": 2}),
+    "vit": dict(params={"width": 16, "depth": 1, "heads": 2}),
+    "lstm_classifier": dict(params={"hidden": 16}),
+    "torchvision": dict(params={"arch": "resnet18"}),
+    "timm": dict(params={"arch": "test_resnet"}),
+    "transformers": dict(input_shape=(12,), num_classes=30, sequence=True,
+                         params={"model_type": "gpt2", "config": {"n_layer": 1, "n_embd": 16, "n_head": 2}}),
+}
+
+
 @pytest.mark.parametrize("name", sorted(registry.available("model")))
 def test_every_model_keeps_the_contract(name):
-    check_model(registry.load("model", name), input_shape=(3, 32, 32), num_classes=10)
+    check = {"input_shape": (3, 32, 32), "num_classes": 10, **MODEL_CHECKS.get(name, {})}
+    check_model(registry.load("model", name), **check)
 
 
 @pytest.mark.parametrize("name", sorted(registry.available("dataset")))

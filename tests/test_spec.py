@@ -281,9 +281,15 @@ def test_unknown_key_suggests_the_close_one_at_its_line(tmp_path):
 
 
 def test_nested_unknown_key_without_a_close_match_lists_the_valid_keys():
+    problem = only_problem(MINIMAL.replace("  name: synthetic_logistic", "  name: synthetic_logistic\n  zzz: 1"))
+    assert problem.where == "x.yaml:4" and problem.key == "data.zzz"
+    assert problem.message == "unknown key 'zzz'. Valid keys: name, params, root, subset."
+
+
+def test_an_unknown_optimizer_key_says_that_settings_go_in_params():
     problem = only_problem(MINIMAL.replace("  lr: 0.5", "  lr: 0.5\n  zzz: 1"))
     assert problem.where == "x.yaml:8" and problem.key == "optimizer.zzz"
-    assert problem.message == "unknown key 'zzz'. Valid keys: lr, momentum, weight_decay, nesterov."
+    assert problem.message.startswith("unknown key 'zzz'. The optimizer's own settings go in optimizer.params")
 
 
 def test_spec_error_is_a_user_error_with_one_problem_per_line():
@@ -372,9 +378,9 @@ def test_several_problems_are_reported_at_once_in_file_order(tmp_path):
         ("schedule.min_lr=-1", "schedule.min_lr", "must be >= 0, got -1"),
         ("name=my run", "name", "'my run' is not allowed here: use letters, digits, '_', '.' and '-' only"),
         ("device=gpu", "device", "'gpu' is not allowed here: use auto, cpu, cuda or cuda:N (e.g. cuda:1)"),
-        ("lr_scaling=lineer", "lr_scaling", "must be one of none, linear, sqrt; got 'lineer' (str). Did you mean 'linear'?"),
+        ("lr_scaling=lineer", "lr_scaling", "must be one of none, linear, sqrt, auto; got 'lineer' (str). Did you mean 'linear'?"),
         ("schedule.name=cosin", "schedule.name",
-         "must be one of constant, cosine, multistep, step; got 'cosin' (str). Did you mean 'cosine'?"),
+         "must be one of constant, cosine, linear, onecycle, multistep, step; got 'cosin' (str). Did you mean 'cosine'?"),
         ("policy.name=''", "policy.name", "must not be empty"),
     ],
 )
@@ -593,7 +599,8 @@ def test_a_sweep_needs_values():
 def test_to_dict_and_resolved_yaml_round_trip():
     spec = parse_spec(DESIGN_EXAMPLE)
     resolved = spec.to_dict()
-    assert resolved["optimizer"] == {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0005, "nesterov": False}
+    assert resolved["optimizer"] == {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0005,
+                                     "nesterov": False, "params": {}}
     assert resolved["schedule"]["name"] == "constant" and resolved["eval_batch_size"] == 1024
     assert parse_spec(spec.resolved_yaml()) == spec
     assert yaml.safe_load(spec.resolved_yaml()) == resolved

@@ -9,4 +9,9 @@ parameters, settable from a spec's ``model.params`` and validated against the si
 - ``small_cnn``       (``dbx.models.cnn``) a few conv blocks, for CPU-scale image runs
 - ``resnet18_cifar``  (``dbx.models.resnet``) the CIFAR ResNet-18 of the DiveBatch code
 - ``resnet18``        (``dbx.models.resnet``) torchvision's ImageNet ResNet-18, from scratch
+- ``transformer_lm``  (``dbx.models.transformer``) a small GPT for sequence data
+- ``vit``             (``dbx.models.transformer``) a small vision transformer
+- ``lstm_classifier`` (``dbx.models.recurrent``) an LSTM over sequences or image rows
+- ``torchvision``, ``timm``, ``transformers`` (``dbx.models.adapters``) any architecture of those
+  libraries by name, randomly initialised
 """

@@ -2,7 +2,9 @@
 
 Per step: draw a logical batch of the current size B, split it into micro-batches of at most
 ``max_micro_batch`` (gradients accumulate, so the update is the one of the whole batch),
-forward/backward (the estimator's hooks are attached only in measuring epochs), optimizer step.
+forward/backward (the estimator's hooks are attached only in measuring epochs), gradient
+clipping if asked, optimizer step. How the loss is formed and normalised, and what is counted as
+correct, depends on the task (classification, regression, sequence): ``dbx.train.tasks``.
 Per epoch: the estimator's diversity (measuring epochs only), evaluation on the test split, the
 policy's next batch size, the lr rescale when B changes, one log line and one batch of metrics.
 
@@ -55,6 +57,8 @@ class Summary:
     final_test_loss: float
     final_test_accuracy: float | None = None
     best_test_accuracy: float | None = None
+    final_test_perplexity: float | None = None  # sequence tasks
+    best_test_perplexity: float | None = None
     epochs_to_target: int | None = None
     seconds_to_target: float | None = None
 
@@ -92,9 +96,9 @@ def fit(spec: Any, parts: Parts, tracker: Tracker, *, say: Callable[[str], None]
         if measuring:
             estimator.attach(model)
         with EpochProgress(f"epoch {epoch}/{spec.epochs}", total=len(loader)) as progress:
-            train_loss, train_acc, seen, steps, skipped, first_bad = train_one_epoch(
-                parts, spec.max_micro_batch, estimator if measuring else None, progress.advance,
-                skip_nonfinite=spec.on_nonfinite == "skip_step")
+            trained = train_one_epoch(parts, spec.max_micro_batch, estimator if measuring else None, progress.advance,
+                                      skip_nonfinite=spec.on_nonfinite == "skip_step", clip=spec.clip_grad_norm)
+        train_loss, train_acc = trained.loss, trained.accuracy
         diversity: DiversityEstimate | None = None
         if measuring:
             try:
@@ -103,8 +107,8 @@ def fit(spec: Any, parts: Parts, tracker: Tracker, *, say: Callable[[str], None]
                 estimator.detach()
         _synchronize(parts.device)
         epoch_seconds = time.perf_counter() - started
-        if not math.isfinite(train_loss) or (skipped and skipped == steps):
-            step = state.optimizer_steps + (first_bad if first_bad >= 0 else steps)
+        if not math.isfinite(train_loss) or (trained.skipped and trained.skipped == trained.steps):
+            step = state.optimizer_steps + (trained.first_bad if trained.first_bad >= 0 else trained.steps)
             raise RunFailed(
                 f"training diverged in epoch {epoch} at step {step}: the training loss is not finite "
                 f"(lr {lr:g}, batch size {state.batch_size}). Lower optimizer.lr, or use lr_scaling: sqrt.",
@@ -112,28 +116,28 @@ def fit(spec: Any, parts: Parts, tracker: Tracker, *, say: Callable[[str], None]
 
         # --- evaluate ---------------------------------------------------------------------
         started = time.perf_counter()
-        test_loss, test_acc = evaluate(parts)
+        test_loss, test_acc, test_nll = evaluate(parts)
         eval_seconds = time.perf_counter() - started
 
         state.epoch = epoch
-        state.samples_seen += seen
-        state.optimizer_steps += steps
+        state.samples_seen += trained.samples
+        state.optimizer_steps += trained.steps
         state.train_seconds += epoch_seconds
         state.eval_seconds += eval_seconds
-        throughput.record(state.throughput, state.batch_size, seen, epoch_seconds, diversity)
+        throughput.record(state.throughput, state.batch_size, trained.samples, epoch_seconds, diversity)
         metrics = {
-            "train_loss": train_loss, "test_loss": test_loss,
+            **parts.task.metrics("train", train_loss, train_acc),
+            **parts.task.metrics("test", test_loss, test_acc, test_nll),
             "batch_size": float(state.batch_size), "lr": lr,
             "epoch_seconds": epoch_seconds, "eval_seconds": eval_seconds,
             "train_seconds": state.train_seconds,
             "wall_seconds": time.perf_counter() - wall_start,
             "samples_seen": float(state.samples_seen), "optimizer_steps": float(state.optimizer_steps),
         }
-        if train_acc is not None:
-            metrics["train_accuracy"] = train_acc
-            metrics["test_accuracy"] = test_acc
+        if trained.grad_norm is not None:
+            metrics["grad_norm"] = trained.grad_norm
         if spec.on_nonfinite == "skip_step":
-            metrics["skipped_steps"] = float(skipped)
+            metrics["skipped_steps"] = float(trained.skipped)
         if diversity is not None:
             metrics["diversity"] = diversity.value
             metrics["estimator_seconds"] = diversity.seconds
@@ -151,7 +155,7 @@ def fit(spec: Any, parts: Parts, tracker: Tracker, *, say: Callable[[str], None]
         state.history.append({"epoch": epoch, **metrics})
         changed = new_batch != state.batch_size
         if changed:
-            factor = rescale_factor(spec.lr_scaling, state.batch_size, new_batch)
+            factor = rescale_factor(parts.lr_scaling, state.batch_size, new_batch)
             if hasattr(policy, "lr_factor"):
                 factor *= policy.lr_factor(state.batch_size, new_batch)
             state.lr_rescale *= factor
@@ -167,24 +171,46 @@ def fit(spec: Any, parts: Parts, tracker: Tracker, *, say: Callable[[str], None]
     return summarize(spec, state)
 
 
+@dataclass
+class TrainedEpoch:
+    """What one pass over the training data reports (``train_one_epoch``)."""
+
+    loss: float  # mean per sample (per counted token for sequence tasks)
+    accuracy: float | None  # None for regression; token accuracy for sequence tasks
+    samples: int
+    steps: int  # optimizer steps, skipped ones included
+    skipped: int = 0  # steps skipped for a non-finite loss
+    first_bad: int = -1  # the first step (0-based) whose loss was not finite, -1 for none
+    grad_norm: float | None = None  # mean global gradient norm before clipping (only when clipping)
+
+
 def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, on_step: Callable[[], None],
-                    *, skip_nonfinite: bool = False) -> tuple[float, float | None, int, int, int, int]:
+                    *, skip_nonfinite: bool = False, clip: float | None = None) -> TrainedEpoch:
     """One pass over the training data.
 
-    Returns the mean loss, accuracy (None for regression), samples, optimizer steps, steps
-    skipped for a non-finite loss, and the first step (0-based, -1 for none) whose loss was not
-    finite. Losses and correct counts are summed on the device and read once at the end, so the
-    step never waits for the device; only ``skip_nonfinite`` must look at each step's loss.
+    Losses, correct counts and gradient norms are summed on the device and read once at the end,
+    so the step never waits for the device; only ``skip_nonfinite`` must look at each step's loss.
+
+    The step back-propagates ``loss_scale * sum_i loss_i``, with ``loss_scale`` one over the
+    logical batch's samples (or counted tokens: ``Task.units``), so the update is that of the
+    batch's mean loss however it is split into micro-batches, and the estimator divides the same
+    ``loss_scale`` out. With ``clip``, the gradient's global norm is clipped to it after the
+    estimator has read the step (its statistic is of the unclipped per-sample gradients) and
+    before the optimizer steps; under fp16 the gradients are unscaled first.
     """
-    model, optimizer, loss_fn, scaler = parts.model, parts.optimizer, parts.loss_fn, parts.scaler
+    model, optimizer, task, scaler = parts.model, parts.optimizer, parts.task, parts.scaler
     model.train()
+    params = [p for p in model.parameters() if p.requires_grad] if clip is not None else []
     loss_sum = torch.zeros((), device=parts.device)
     correct = torch.zeros((), device=parts.device, dtype=torch.long)
+    norm_sum = torch.zeros((), device=parts.device)
     first_bad = torch.full((), -1, device=parts.device, dtype=torch.long)
+    units: int | torch.Tensor = 0  # samples, or counted tokens, of the steps taken
     seen = steps = skipped = 0
     for inputs, targets in parts.train_loader:
         batch = inputs.shape[0]
-        loss_scale = 1.0 / batch  # the step's loss is the mean over the logical batch
+        step_units = task.units(targets)
+        loss_scale = 1.0 / step_units  # the step's loss is the mean over the logical batch
         if max_micro_batch and batch > max_micro_batch:
             chunks = zip(inputs.split(max_micro_batch), targets.split(max_micro_batch))
         else:
@@ -196,7 +222,7 @@ def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, o
         for x, y in chunks:
             with parts.autocast():
                 outputs = model(x)
-            loss = loss_fn(outputs.float(), y, reduction="sum")
+            loss = task.loss_fn(outputs.float(), y, reduction="sum")
             if scaler is not None:
                 scaler.scale(loss * loss_scale).backward()
             else:
@@ -204,8 +230,8 @@ def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, o
             if estimator is not None:
                 estimator.on_backward(loss_scale * grad_scale)
             step_loss += loss.detach()
-            if parts.classification:
-                step_correct += (outputs.detach().argmax(dim=1) == y).sum()
+            if task.has_accuracy:
+                step_correct += task.correct(outputs.detach(), y)
         if skip_nonfinite and not torch.isfinite(step_loss).item():
             optimizer.zero_grad(set_to_none=True)
             if estimator is not None:  # drops the step's non-finite norms; no gradients to add
@@ -217,6 +243,10 @@ def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, o
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), steps, first_bad)
         if estimator is not None:
             estimator.on_step(loss_scale * grad_scale)
+        if clip is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            norm_sum += torch.nn.utils.clip_grad_norm_(params, clip, error_if_nonfinite=False)
         if scaler is not None:
             scaler.step(optimizer)  # skips the step itself when fp16 gradients overflowed
             scaler.update()
@@ -225,35 +255,52 @@ def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, o
         optimizer.zero_grad(set_to_none=True)
         loss_sum += step_loss
         correct += step_correct
+        units = units + step_units
         seen += batch
         steps += 1
         on_step()
-    seen = max(seen, 1)
-    accuracy = correct.item() / seen if parts.classification else None
-    return loss_sum.item() / seen, accuracy, seen, steps, skipped, int(first_bad.item())
+    units = torch.as_tensor(units, dtype=torch.float64, device=parts.device)
+    totals = torch.stack([loss_sum.double(), correct.double(), norm_sum.double(), units, first_bad.double()])
+    total_loss, total_correct, total_norm, total_units, bad = totals.tolist()  # the epoch's one sync
+    total_units = max(total_units, 1.0)
+    return TrainedEpoch(
+        loss=total_loss / total_units, accuracy=total_correct / total_units if task.has_accuracy else None,
+        samples=seen, steps=steps, skipped=skipped, first_bad=int(bad),
+        grad_norm=total_norm / max(steps - skipped, 1) if clip is not None else None)
 
 
 @torch.no_grad()
-def evaluate(parts: Parts) -> tuple[float, float | None]:
-    """Mean loss and accuracy on the test split, in eval mode."""
-    model, loss_fn = parts.model, parts.loss_fn
+def evaluate(parts: Parts) -> tuple[float, float | None, float | None]:
+    """Mean loss, accuracy and token cross-entropy (sequence tasks; else None) on the test split,
+    in eval mode. Means are per sample, or per counted token for sequences."""
+    model, task = parts.model, parts.task
     model.eval()
     loss_sum = torch.zeros((), device=parts.device)
+    nll_sum = torch.zeros((), device=parts.device)
     correct = torch.zeros((), device=parts.device, dtype=torch.long)
-    count = 0
+    units: int | torch.Tensor = 0
     for inputs, targets in parts.test_loader:
         with parts.autocast():
             outputs = model(inputs)
-        loss_sum += loss_fn(outputs.float(), targets, reduction="sum")
-        if parts.classification:
-            correct += (outputs.argmax(dim=1) == targets).sum()
-        count += inputs.shape[0]
-    accuracy = correct.item() / count if parts.classification else None
-    return loss_sum.item() / count, accuracy
+        loss = task.loss_fn(outputs.float(), targets, reduction="sum")
+        loss_sum += loss
+        if task.kind == "sequence":
+            nll_sum += task.nll_sum(outputs.float(), targets, loss)
+        if task.has_accuracy:
+            correct += task.correct(outputs, targets)
+        units = units + task.units(targets)
+    count = max(float(units), 1.0)
+    accuracy = correct.item() / count if task.has_accuracy else None
+    nll = nll_sum.item() / count if task.kind == "sequence" else None
+    return loss_sum.item() / count, accuracy, nll
 
 
 def summarize(spec: Any, state: RunState) -> Summary:
-    """Final and best accuracy, and when the target accuracy was first reached (training time)."""
+    """Final and best accuracy (and perplexity), and when the target was first reached (training time).
+
+    The target is ``target_accuracy`` (reached at or above it) or, for sequence tasks,
+    ``target_perplexity`` (reached at or below it).
+    """
     last = state.history[-1]
     summary = Summary(
         epochs=state.epoch, final_batch_size=int(last["batch_size"]), total_train_seconds=state.train_seconds,
@@ -262,18 +309,25 @@ def summarize(spec: Any, state: RunState) -> Summary:
     if accuracies:
         summary.final_test_accuracy = accuracies[-1]
         summary.best_test_accuracy = max(accuracies)
-    if spec.target_accuracy is not None and accuracies:
-        for h in state.history:
-            if h["test_accuracy"] >= spec.target_accuracy:
-                summary.epochs_to_target = int(h["epoch"])
-                summary.seconds_to_target = h["train_seconds"]
-                break
+    perplexities = [h["test_perplexity"] for h in state.history if "test_perplexity" in h]
+    if perplexities:
+        summary.final_test_perplexity = perplexities[-1]
+        summary.best_test_perplexity = min(perplexities)
+    reached = None
+    if spec.target_accuracy is not None:
+        reached = (h for h in state.history if h.get("test_accuracy", -math.inf) >= spec.target_accuracy)
+    elif spec.target_perplexity is not None:
+        reached = (h for h in state.history if h.get("test_perplexity", math.inf) <= spec.target_perplexity)
+    first = next(reached, None) if reached is not None else None
+    if first is not None:
+        summary.epochs_to_target = int(first["epoch"])
+        summary.seconds_to_target = first["train_seconds"]
     return summary
 
 
 def _lr_for(spec: Any, state: RunState, epoch: int) -> float:
     epoch = min(epoch, spec.epochs)
-    return scheduled_lr(spec.schedule, spec.optimizer.lr, epoch, spec.epochs) * state.lr_rescale
+    return scheduled_lr(spec.schedule, spec.optimizer.base_lr, epoch, spec.epochs) * state.lr_rescale
 
 
 def _checked_batch_size(value: Any, policy_name: str) -> int:
@@ -310,6 +364,8 @@ def _epoch_line(spec: Any, m: dict[str, float], epoch: int) -> str:
     parts.append(f"test loss {m['test_loss']:.4f}")
     if "test_accuracy" in m:
         parts.append(f"acc {m['test_accuracy']:.4f}")
+    if "test_perplexity" in m:
+        parts.append(f"ppl {m['test_perplexity']:.3f}")
     if "diversity" in m:
         parts.append(f"diversity {m['diversity']:.4g}")
     parts.append(f"{m['epoch_seconds']:.2f}s")

@@ -1,7 +1,7 @@
-"""Build what a run trains from its spec: data, model, optimizer, policy, estimator, loaders.
+"""Build what a run trains from its spec: data, model, optimizer, loss, policy, estimator, loaders.
 
-Every named part comes from the plugin registry, so a third-party dataset, model, policy or
-estimator is built exactly like a built-in one.
+Every named part comes from the plugin registry, so a third-party dataset, model, optimizer,
+loss, policy or estimator is built exactly like a built-in one.
 """
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from dbx import registry
 from dbx.data import resolve_root, take_subset
 from dbx.data.loader import make_loader
 from dbx.errors import UserError
 from dbx.protocols import DataSplits
+from dbx.train.lr import resolve_lr_scaling
+from dbx.train.tasks import Task, build_task
 
 
 @dataclass
@@ -27,11 +28,16 @@ class Parts:
     estimator: Any
     train_loader: Any
     test_loader: Any
-    loss_fn: Callable[..., torch.Tensor]
-    classification: bool
+    task: Task  # classification, regression or sequence, with the run's loss
     device: torch.device
     amp_dtype: torch.dtype | None = None  # autocast dtype, None for full precision
     scaler: Any = None  # torch.amp.GradScaler for fp16
+    lr_scaling: str = "none"  # the spec's rule, with ``auto`` resolved for this optimizer
+
+    @property
+    def loss_fn(self) -> Callable[..., torch.Tensor]:
+        """``loss_fn(outputs, targets, reduction="sum")``: the run's loss, as estimators call it."""
+        return self.task.loss_fn
 
     def autocast(self) -> Any:
         """The forward passes' precision context (a no-op without amp)."""
@@ -62,15 +68,25 @@ def build_parts(spec: Any, device: torch.device) -> Parts:
         estimator.detach()
     test_loader = make_loader(data.test, batch_size=spec.eval_batch_size, shuffle=False, device=device,
                               seed=spec.seed)
-    opt = spec.optimizer
-    optimizer = torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum,
-                                weight_decay=opt.weight_decay, nesterov=opt.nesterov)
-    classification = data.num_classes is not None
-    loss_fn = F.cross_entropy if classification else F.mse_loss
+    optimizer = build_optimizer(spec.optimizer, model)
+    task = build_task(spec.loss, data)
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.amp]
     if spec.amp == "fp16" and device.type != "cuda":
         raise UserError(f"amp: fp16 needs a CUDA device, and this run is on {device}. "
                         f"Use amp: bf16 (works on the CPU) or amp: none.")
     scaler = torch.amp.GradScaler(device.type) if spec.amp == "fp16" else None
-    return Parts(data, model, optimizer, policy, estimator, train_loader, test_loader, loss_fn,
-                 classification, device, amp_dtype, scaler)
+    return Parts(data, model, optimizer, policy, estimator, train_loader, test_loader, task, device, amp_dtype,
+                 scaler, resolve_lr_scaling(spec.lr_scaling, optimizer))
+
+
+def build_optimizer(optimizer_spec: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The spec's optimizer over the model's parameters.
+
+    ``dbx.optimizers`` plugins are constructed as torch.optim classes are:
+    ``Factory(params, lr=..., **params_from_the_spec)``, the first argument the parameters.
+    """
+    name = optimizer_spec.name
+    optimizer = registry.build("optimizer", name, optimizer_spec.constructor_kwargs(), params=model.parameters())
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise UserError(f"optimizer {name!r} returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
+    return optimizer
