@@ -36,11 +36,11 @@ def run_sweep(spec: Any, *, uri: str, experiment: str | None = None, say: Say = 
     (130 when interrupted: the remaining points are not started)."""
     from dbx import tracking
     from dbx.spec import expand_sweep
+    from dbx.store import check_store
 
     points = expand_sweep(spec)  # a wrong grid is a SpecError (exit 2) before anything starts
     names = point_names(spec)
-    tracking.quiet_mlflow()
-    tracking.check_store(uri)
+    check_store(uri)
     labels = dict(zip(names, (label for label, _ in points), strict=True))
     parent = tracking.open_sweep_run(spec, uri=uri, experiment=experiment, points=labels)
     say(f"sweep {spec.name} ({parent.run_id}): {len(points)} runs, one after the other")

@@ -214,7 +214,7 @@ def test_resuming_a_run_that_does_not_exist_creates_nothing(tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
-def test_resuming_an_unknown_run_or_one_without_checkpoints_is_an_input_error(tmp_path, monkeypatch):
+def test_resuming_an_unknown_run_or_a_finished_one_is_an_input_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = write(tmp_path, TINY + "checkpoint: {enabled: false}\n")
     assert CliRunner().invoke(main, ["run", str(spec)]).exit_code == 0
@@ -224,7 +224,7 @@ def test_resuming_an_unknown_run_or_one_without_checkpoints_is_an_input_error(tm
     assert result.exit_code == 2 and "no run '0123456789abcdef'" in result.output
 
     result = CliRunner().invoke(main, ["resume", run.info.run_id])
-    assert result.exit_code == 2 and "has no checkpoint" in result.output
+    assert result.exit_code == 2 and "has finished; there is nothing to resume" in result.output
     _, unchanged = only_run(store(tmp_path))
     assert unchanged.info.status == "FINISHED"
 
