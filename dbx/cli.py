@@ -7,18 +7,30 @@ torch and mlflow are imported inside the commands that need them, so ``dbx --hel
 """
 from __future__ import annotations
 
-import contextlib
-import signal
+import atexit
 import sys
-import threading
 import traceback
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Callable, NoReturn
 
 import click
 
 from dbx.errors import RunFailed, UserError
+from dbx.stopping import signals_stop_like_ctrl_c
 
 EXAMPLE_SPEC = "experiments/quickstart.yaml"
+
+
+def _skip_the_final_garbage_collections() -> None:
+    """At exit, Python's collector walks every object torch and MLflow created: 4-10 s on a
+    loaded 2-core machine (a SIGTERM'd run took 5 s to exit, a tiny ``dbx run`` spent more time
+    exiting than training). By now the run is closed and its files written, so the objects are
+    frozen instead (``python -c "import torch"`` exits in 1.8 s instead of 5.6 s there)."""
+    import gc
+
+    gc.freeze()
+
+
+atexit.register(_skip_the_final_garbage_collections)  # registered first, so it runs last
 
 
 def _fail(exc: BaseException, debug: bool) -> NoReturn:
@@ -45,40 +57,6 @@ def _guarded(debug: bool, action: Callable[[], Any]) -> Any:
             traceback.print_exc()
         click.echo("interrupted; no run was left open", err=True)
         sys.exit(130)
-
-
-@contextlib.contextmanager
-def _signals_stop_like_ctrl_c() -> Iterator[None]:
-    """While training: SIGTERM (``kill``, a batch scheduler's pre-emption) and SIGHUP (the terminal
-    went away) stop the run as Ctrl-C does, so it is marked KILLED with its checkpoints kept and
-    ``dbx resume`` continues it, instead of the process vanishing and leaving the run RUNNING.
-
-    Only the first signal interrupts: the ones after it would cut short the closing of the run
-    they ask to close, so they are noted and ignored (SIGKILL still stops at once). A signal the
-    process was started ignoring (``nohup``, a shell's background job) stays ignored.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    stopping: list[int] = []
-
-    def stop(signum: int, frame: Any) -> None:
-        stopping.append(signum)
-        if len(stopping) == 1:
-            raise KeyboardInterrupt(signal.Signals(signum).name)
-        if len(stopping) == 2:
-            click.echo("stopping: closing the run first (SIGKILL stops at once)", err=True)
-
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        if sig != signal.SIGTERM and signal.getsignal(sig) is signal.SIG_IGN:
-            continue
-        previous[sig] = signal.signal(sig, stop)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -128,7 +106,7 @@ def run(spec_path: str, overrides: tuple[str, ...], device: str | None, tracking
     from dbx.launch import run_spec
 
     extra = [f"device={device}"] if device else []
-    with _signals_stop_like_ctrl_c():
+    with signals_stop_like_ctrl_c():
         code = _guarded(debug, lambda: run_spec(spec_path, [*overrides, *extra], tracking_uri=tracking_uri,
                                                 experiment=experiment, say=click.echo,
                                                 dry_run=dry_run))
@@ -159,7 +137,7 @@ def resume(run_id: str, tracking_uri: str | None, device: str | None, force: boo
     """
     from dbx.runner import resume_run
 
-    with _signals_stop_like_ctrl_c():
+    with signals_stop_like_ctrl_c():
         code = _guarded(debug, lambda: resume_run(run_id, tracking_uri=tracking_uri, device=device, force=force,
                                                   say=click.echo))
     sys.exit(code or 0)

@@ -134,13 +134,20 @@ def _device(spec: Any) -> tuple[Any, str]:
 def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say, *, intro: Sequence[str] = ()) -> RunResult:
     """Run the loop with end-of-epoch checkpoints; close the MLflow run with the right status,
     whatever happens from the moment it exists."""
-    from dbx import faults, tracking
+    from dbx import faults, stopping, tracking
     from dbx.train.loop import RunState, fit
 
     fresh = state is None
     state = state or RunState(batch_size=parts.policy.initial_batch_size())
-    on_epoch_end = None
+    folder = None
     resume_hint = f"resume with: dbx resume {tracked.run_id} --tracking-uri {tracked.uri}"
+
+    def on_epoch_end(current: Any) -> None:
+        if folder is not None:
+            _save_checkpoint(folder, spec, parts, current)
+        faults.hold(f"checkpoint:{current.epoch}")
+        stopping.raise_if_stopped()  # a stop signal whose KeyboardInterrupt a finalizer swallowed
+
     try:
         for line in intro:
             say(line)
@@ -149,44 +156,39 @@ def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say, *, intro: 
         if spec.checkpoint.enabled:
             folder = tracking.checkpoint_folder(tracked.uri, spec.checkpoint.dir, tracked.run_id)
             tracked.set_tags({"dbx.checkpoint.dir": str(folder)})
-
-            def on_epoch_end(current: Any) -> None:
-                _save_checkpoint(folder, spec, parts, current)
-                faults.hold(f"checkpoint:{current.epoch}")
-
         faults.hold("run-open")
         summary = fit(spec, parts, tracked, say=say, state=state, on_epoch_end=on_epoch_end)
         faults.hold("before-close")
     except KeyboardInterrupt:
-        _close(tracked, "KILLED", say, step=state.epoch, failure={"reason": "interrupted", "epoch": state.epoch + 1})
-        say(f"interrupted in epoch {state.epoch + 1}; run {tracked.run_id} marked KILLED. "
-            + (resume_hint if on_epoch_end else ""))
+        stopping.handled()
+        with stopping.closing():
+            _close(tracked, "KILLED", say, step=state.epoch,
+                   failure={"reason": "interrupted", "epoch": state.epoch + 1})
+            say(f"interrupted in epoch {state.epoch + 1}; run {tracked.run_id} marked KILLED. "
+                + (resume_hint if folder is not None else ""))
         return RunResult(130, tracked.run_id)
     except RunFailed as exc:
-        _close(tracked, "FAILED", say, history=state.history, step=state.epoch,
-               failure={"reason": exc.reason, "message": str(exc), "epoch": exc.epoch, "step": exc.step})
+        with stopping.closing():
+            _close(tracked, "FAILED", say, history=state.history, step=state.epoch,
+                   failure={"reason": exc.reason, "message": str(exc), "epoch": exc.epoch, "step": exc.step})
         raise
     except Exception as exc:
         failure = _blame(exc, spec, parts)
-        _close(tracked, "FAILED", say, history=state.history, step=state.epoch,
-               failure={**failure, "epoch": state.epoch + 1})
+        with stopping.closing():
+            _close(tracked, "FAILED", say, history=state.history, step=state.epoch,
+                   failure={**failure, "epoch": state.epoch + 1})
         raise RunFailed(failure["message"], reason=failure["reason"], epoch=state.epoch + 1) from exc
     return _close_finished(spec, tracked, state, say, summary)
 
 
 def _close_finished(spec: Any, tracked: Any, state: Any, say: Say, summary: Any = None) -> RunResult:
     """Log the summary (what the store does not have yet) and close the run FINISHED."""
-    from dbx import tracking
+    from dbx import stopping, tracking
     from dbx.train.loop import summarize
 
     summary = summary or summarize(spec, state)
-    try:
+    with stopping.closing():  # the work is done: a signal now must not leave the run half closed
         tracked.finish("FINISHED", summary=summary.to_dict(), history=state.history, step=state.epoch)
-    except KeyboardInterrupt:  # the work is done and checkpointed: only the closing was cut short
-        _close(tracked, "KILLED", say, step=state.epoch, failure={"reason": "interrupted", "epoch": state.epoch})
-        say(f"interrupted while closing run {tracked.run_id}; it is marked KILLED, and "
-            f"`dbx resume {tracked.run_id}` closes it")
-        return RunResult(130, tracked.run_id)
     say("summary: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                   for k, v in summary.to_dict().items()}))
     say(f"done. browse with: {tracking.ui_command(tracked.uri)}")
