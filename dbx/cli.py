@@ -305,6 +305,8 @@ def compare(experiment: str | None, parent: str | None, tracking_uri: str | None
     def action() -> None:
         if experiment and parent:
             raise UserError("give --experiment or --parent, not both")
+        if plot_path:
+            report.check_plot_path(plot_path)
         uri = tracking.resolve_tracking_uri(tracking_uri)
         comparison = report.load_comparison(uri, experiment=experiment, parent=parent, group_by=group_by,
                                             baseline=baseline, target=target)
@@ -326,8 +328,7 @@ def compare(experiment: str | None, parent: str | None, tracking_uri: str | None
 @main.command()
 @click.option("--tracking-uri", default=None, metavar="URI",
               help="MLflow store, as in `dbx run`. Default: $MLFLOW_TRACKING_URI, else ./mlflow.db.")
-@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True,
-              help="The port on 127.0.0.1; it must be free.")
+@click.option("--port", type=int, default=5000, show_default=True, help="The port on 127.0.0.1 (1-65535); it must be free.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks, and MLflow's own INFO lines.")
 def ui(tracking_uri: str | None, port: int, debug: bool) -> None:
     """Start the MLflow UI on the store dbx uses, on 127.0.0.1, and print its address.
@@ -349,6 +350,8 @@ def ui(tracking_uri: str | None, port: int, debug: bool) -> None:
     from dbx import ui as server
 
     def action() -> int:
+        if not 1 <= port <= 65535:
+            raise UserError(f"--port {port} is not a port number; choose one from 1 to 65535 (the default is 5000).")
         uri = tracking.resolve_tracking_uri(tracking_uri)
         if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
             raise UserError(f"there is no MLflow store at {uri}. Run `dbx run SPEC` first, or pass the store "

@@ -250,6 +250,51 @@ def group_of(record: Any, group_by: str) -> str:
     return "/".join(parts)
 
 
+def check_group_by(records: Sequence[Any], group_by: str) -> None:
+    """Each key of ``--group-by`` must be known to at least one run; a typo would otherwise put
+    every run into one group ``?`` and compare nothing."""
+    import difflib
+
+    for key in (k.strip() for k in group_by.split(",")):
+        if key == "name":
+            continue
+        if key.startswith("tags."):
+            known = sorted({f"tags.{t}" for r in records for t in r.tags if not t.startswith("mlflow.")})
+        else:
+            known = sorted({p for r in records for p in r.params})
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, known, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        kind = "tag" if key.startswith("tags.") else "param"
+        raise UserError(f"--group-by {key}: no run here has the {kind} {key[len('tags.'):] if kind == 'tag' else key!r}."
+                        f"{hint} Use name, a param such as policy.name, or tags.KEY.")
+
+
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp", "svgz")
+
+
+def check_plot_path(path: str) -> None:
+    """``--plot`` must name a file matplotlib can write, in a folder that can be written: checked
+    before the table is printed, so an error never comes after the output."""
+    import os
+    from pathlib import Path
+
+    target = Path(path).expanduser()
+    suffix = target.suffix.lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        raise UserError(f"--plot {path}: unknown image type {('.' + suffix) if suffix else '(no extension)'}; "
+                        f"end the name with one of .{', .'.join(PLOT_FORMATS)}")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"--plot {path}: folder {folder} does not exist. Create it or choose another path.")
+    if target.is_dir():
+        raise UserError(f"--plot {path} is a folder; give a file name such as {target / 'curves.png'}")
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UserError(f"--plot {path}: {target if target.exists() else folder} is not writable. "
+                        f"Choose another path.")
+
+
 def curves_from_record(record: Any, group: str) -> RunCurves | None:
     """The run's per-epoch curves, or None when it logged no test accuracy."""
     history = record.history
@@ -274,6 +319,7 @@ def load_comparison(uri: str, *, experiment: str | None = None, parent: str | No
     if target is not None and not 0.0 <= target <= 1.0:
         raise UserError(f"--target {target:g} is not an accuracy between 0 and 1 (write 0.9 for 90%).")
     what, records = tracking.runs_to_compare(uri, experiment=experiment, parent=parent)
+    check_group_by(records, group_by)
     runs, skipped = [], []
     for record in records:
         if record.status != "FINISHED":
@@ -432,6 +478,8 @@ def save_plot(comparison: Comparison, path: str) -> None:
     fig = figure(comparison)
     try:
         fig.savefig(path, dpi=110)
+    except OSError as exc:  # e.g. the disk filled up since check_plot_path
+        raise UserError(f"--plot {path}: cannot write it ({exc.strerror or exc}).") from None
     finally:
         plt.close(fig)
 

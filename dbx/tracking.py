@@ -545,9 +545,12 @@ def runs_to_compare(uri: str, *, experiment: str | None = None, parent: str | No
     the store, oldest first, with their per-epoch metrics. Returns a description of the selection
     too. Sweep parents themselves are left out. A store, experiment or run that is not there is a
     UserError."""
+    from dbx.store import check_store
+
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         raise UserError(f"there is no MLflow store at {uri}. Run `dbx run SPEC` first, or pass the store "
                         f"with --tracking-uri.")
+    check_store(uri, writing=False)
     from mlflow.exceptions import MlflowException
 
     client = _client(uri)
