@@ -77,16 +77,19 @@ def _frames_below_callers(tb: TracebackType | None) -> list[Any]:
 
 
 def _owner(frame: Any, parts: Any) -> str | None:
+    from dbx.train.drift import RecordedPolicy
+
+    policy = parts.policy.policy if isinstance(parts.policy, RecordedPolicy) else parts.policy
     this = frame.f_locals.get("self")
     if this is not None:
-        if this is parts.policy:
+        if this is policy:
             return "policy"
         if parts.estimator is not None and this is parts.estimator:
             return "estimator"
         if this is parts.model or any(this is layer for layer in parts.model.modules()):
             return "model"
     module = frame.f_globals.get("__name__", "")
-    for kind, obj in (("policy", parts.policy), ("estimator", parts.estimator)):
+    for kind, obj in (("policy", policy), ("estimator", parts.estimator)):
         if obj is not None and _in_package(module, type(obj).__module__):
             return kind
     if _in_package(module, type(parts.model).__module__):

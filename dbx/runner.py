@@ -8,7 +8,6 @@ its process left behind.
 """
 from __future__ import annotations
 
-import errno
 import json
 import warnings
 from dataclasses import dataclass
@@ -37,10 +36,13 @@ def run_one(spec: Any, *, uri: str, experiment: str | None = None, say: Say = pr
     """
     from dbx import tracking
     from dbx.store import check_store
+    from dbx.train.checkpoint import check_folder
     from dbx.train.parts import build_parts
 
     device, label = _device(spec)
     check_store(uri)
+    if spec.checkpoint.enabled:  # a folder that cannot be written fails now, not after epoch 1
+        check_folder(tracking.checkpoint_base(uri, spec.checkpoint.dir))
     parts = build_parts(spec, device)
     run_name = run_name or f"{spec.name}-seed{spec.seed}"
     from mlflow.exceptions import MlflowException
@@ -65,7 +67,7 @@ def resume_run(run_id: str, *, tracking_uri: str | None = None, device: str | No
     killed while closing) gets what the store lacks and is closed FINISHED."""
     from dbx import tracking
     from dbx.store import check_store
-    from dbx.train.checkpoint import load_latest, restore
+    from dbx.train.checkpoint import check_folder, check_payload, load_latest, remove_stale_temporaries
     from dbx.train.parts import build_parts
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
@@ -81,22 +83,51 @@ def resume_run(run_id: str, *, tracking_uri: str | None = None, device: str | No
     if latest is None:
         return _restart(run, uri=uri, device=device, force=force, say=say)
     path, payload = latest
-    data = payload["spec"]
+    data = check_payload(path, payload)["spec"]
     if device:
         data = {**data, "device": device}
     from dbx.spec import spec_from_dict
 
     spec = spec_from_dict(data, source=f"the spec saved in {path.name}")
     device_, label = _device(spec)
+    check_folder(folder, what=f"the checkpoint folder of run {run_id}")
     parts = build_parts(spec, device_)
-    state = restore(parts, payload)
+    state, drift = _restore(spec, parts, path, payload)
+    for stale in remove_stale_temporaries(folder):
+        say(f"removed {stale.name}, left by a checkpoint write that never finished")
     tracked = tracking.reopen_run(uri, run_id, state.history, force=force)
     if state.epoch >= spec.epochs:
         say(f"run {run.info.run_name} ({run_id}) had trained all {spec.epochs} epochs when it stopped; "
             f"logging what the store lacked and closing it")
         return _close_finished(spec, tracked, state, say).exit_code
     say(f"resuming run {run.info.run_name} ({run_id}) after epoch {state.epoch}, from {path}, on {label}")
+    for message in drift:
+        say(f"WARNING: {message}")
+    if drift:
+        tracked.set_tags({"dbx.resume.warning": " | ".join(drift)[:5000]})
     return _train(spec, parts, tracked, state, say).exit_code
+
+
+def _restore(spec: Any, parts: Any, path: Any, payload: dict[str, Any]) -> tuple[Any, list[str]]:
+    """The checkpoint loaded into ``parts``, and the warnings of the drift check (dbx.train.drift)."""
+    from dbx import registry
+    from dbx.train.checkpoint import ForeignCheckpoint, restore
+    from dbx.train.drift import resume_warnings
+
+    try:
+        state = restore(parts, payload)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ForeignCheckpoint(f"{path} does not fit the run its spec describes ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}); delete it to resume from the "
+                                f"checkpoint before it, or start the run again with dbx run") from exc
+
+    def build_policy() -> Any:
+        return registry.build("policy", spec.policy.name, spec.policy.params,
+                              dataset_size=parts.train_loader.num_samples, seed=spec.seed)
+
+    drift = resume_warnings(payload, policy=parts.policy, estimator=parts.estimator, policy_name=spec.policy.name,
+                            estimator_name=spec.estimator.name, build_policy=build_policy)
+    return state, drift
 
 
 def _restart(run: Any, *, uri: str, device: str | None, force: bool, say: Say) -> int:
@@ -135,6 +166,7 @@ def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say, *, intro: 
     """Run the loop with end-of-epoch checkpoints; close the MLflow run with the right status,
     whatever happens from the moment it exists."""
     from dbx import faults, stopping, tracking
+    from dbx.train.drift import RecordedPolicy
     from dbx.train.loop import RunState, fit
 
     fresh = state is None
@@ -144,7 +176,7 @@ def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say, *, intro: 
 
     def on_epoch_end(current: Any) -> None:
         if folder is not None:
-            _save_checkpoint(folder, spec, parts, current)
+            _save_checkpoint(folder, spec, parts, current, tracked.run_id)
         faults.hold(f"checkpoint:{current.epoch}")
         stopping.raise_if_stopped()  # a stop signal whose KeyboardInterrupt a finalizer swallowed
 
@@ -156,6 +188,7 @@ def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say, *, intro: 
         if spec.checkpoint.enabled:
             folder = tracking.checkpoint_folder(tracked.uri, spec.checkpoint.dir, tracked.run_id)
             tracked.set_tags({"dbx.checkpoint.dir": str(folder)})
+            parts.policy = RecordedPolicy(parts.policy, spec.policy.name)  # its last decision goes in the checkpoint
         faults.hold("run-open")
         summary = fit(spec, parts, tracked, say=say, state=state, on_epoch_end=on_epoch_end)
         faults.hold("before-close")
@@ -214,17 +247,17 @@ def derived_params(parts: Any) -> dict[str, Any]:
             "dbx.world_size": 1, "dbx.model_parameters": sum(p.numel() for p in parts.model.parameters())}
 
 
-def _save_checkpoint(folder: Any, spec: Any, parts: Any, state: Any) -> None:
+def _save_checkpoint(folder: Any, spec: Any, parts: Any, state: Any, run_id: str) -> None:
     from dbx.train.checkpoint import save_checkpoint, snapshot
 
     try:
         save_checkpoint(folder, state.epoch, snapshot(spec, parts, state), spec.checkpoint.keep_last)
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-            raise
-        raise RunFailed(f"cannot write the checkpoint of epoch {state.epoch} in {folder}: {exc.strerror}. "
-                        f"Free some space (or set checkpoint.dir to a disk that has it), then "
-                        f"dbx resume the run.", reason="checkpoint_write", epoch=state.epoch) from exc
+        earlier = f"dbx resume {run_id} continues after epoch {state.epoch - 1}" \
+            if state.epoch > 1 else "no earlier checkpoint exists"
+        raise RunFailed(f"could not write the checkpoint of epoch {state.epoch} to {folder}: "
+                        f"{exc.strerror or exc}. Free space there or set checkpoint.dir elsewhere; "
+                        f"{earlier}", reason="checkpoint_failed", epoch=state.epoch) from exc
 
 
 def _blame(exc: BaseException, spec: Any, parts: Any) -> dict[str, str]:

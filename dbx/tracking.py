@@ -43,6 +43,8 @@ def quiet_mlflow(debug: bool = False) -> None:
     logging.getLogger("mlflow").setLevel(level.upper())
     logging.getLogger("alembic").setLevel("INFO" if debug else "WARNING")
     logging.getLogger("sqlalchemy").setLevel("WARNING")  # every SQL statement at INFO: never wanted
+    # a failing store is reported by dbx in a line or two; MLflow would add the SQL and a traceback
+    logging.getLogger("mlflow.store.db.utils").setLevel("INFO" if debug else "CRITICAL")
 
 
 def resolve_tracking_uri(cli_uri: str | None = None, spec_uri: str | None = None) -> str:
@@ -269,6 +271,11 @@ def _log_spec(tracked: TrackedRun, spec: Any) -> None:
 
 def checkpoint_folder(uri: str, configured: str | None, run_id: str) -> Path:
     """Where a run's checkpoints go: the spec's checkpoint.dir, else beside a local store."""
+    return checkpoint_base(uri, configured) / run_id
+
+
+def checkpoint_base(uri: str, configured: str | None) -> Path:
+    """The folder that holds one folder of checkpoints per run (checked before a run starts)."""
     if configured:
         base = Path(configured).expanduser()
     elif uri.startswith("sqlite:///"):
@@ -277,7 +284,7 @@ def checkpoint_folder(uri: str, configured: str | None, run_id: str) -> Path:
         base = Path(uri).parent / "dbx-checkpoints"
     else:
         base = Path("dbx-checkpoints")
-    return (base / run_id).resolve()
+    return base.resolve()
 
 
 def find_run(uri: str, run_id: str) -> Any:

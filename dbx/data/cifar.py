@@ -14,7 +14,6 @@ whole dataset lives on the training device and is augmented there in batches (se
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +23,7 @@ from dbx.data import resolve_root
 from dbx.data.images import AugmentSpec, ImageArrays, image_splits
 from dbx.errors import UserError
 from dbx.protocols import DataSplits
+from dbx.safe_pickle import UnsafePickle, load_plain
 
 __all__ = ["cifar10", "cifar100", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD"]
 
@@ -93,8 +93,8 @@ def _load(layout: _Layout, root: str, download: bool) -> ImageArrays:
             f"data.params.download: true, or point data.root (or $DBX_DATA_ROOT) at the folder that holds "
             f"{layout.folder}/."
         )
-    train_images, train_labels = _read_batches(folder, layout.train_files, layout.label_key)
-    test_images, test_labels = _read_batches(folder, layout.test_files, layout.label_key)
+    train_images, train_labels = _read_batches(folder, layout.train_files, layout)
+    test_images, test_labels = _read_batches(folder, layout.test_files, layout)
     return ImageArrays(train_images, train_labels, test_images, test_labels)
 
 
@@ -102,20 +102,51 @@ def _complete(folder: str, layout: _Layout) -> bool:
     return all(os.path.isfile(os.path.join(folder, f)) for f in layout.train_files + layout.test_files)
 
 
-def _read_batches(folder: str, files: tuple[str, ...], label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The archive's pickled dicts: ``data`` uint8 (N, 3072) in CHW order, labels a list of ints."""
+def _read_batches(folder: str, files: tuple[str, ...], layout: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The archive's pickled dicts: ``data`` uint8 (N, 3072) in CHW order, labels a list of ints.
+
+    Read with ``dbx.safe_pickle.load_plain``: a file that asks pickle to call anything but what
+    rebuilds a uint8 array is refused before anything runs.
+    """
     images, labels = [], []
     for name in files:
         path = os.path.join(folder, name)
         try:
             with open(path, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(entry[label_key])
+                entry = load_plain(f, array_dtypes=(np.uint8,), encoding="latin1")
+        except UnsafePickle as exc:
+            raise UserError(f"refused to read {path}: it asks pickle to call {exc.refused}, which the official "
+                            f"{layout.title} archive never holds (dicts, lists, strings, ints and uint8 arrays); "
+                            f"nothing from it was run. Delete it and extract {layout.url} again") from exc
         except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user problem
             raise UserError(f"cannot read {path} ({type(exc).__name__}: {exc}); the file is damaged or not "
                             f"from the official python archive: delete it and extract the archive again") from exc
+        batch_images, batch_labels = _checked_entry(entry, path, layout)
+        images.append(batch_images)
+        labels.extend(batch_labels)
     return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
+
+
+def _checked_entry(entry: object, path: str, layout: _Layout) -> tuple[np.ndarray, list[int]]:
+    """The images (N, 3, 32, 32) and labels of one batch file, or a UserError saying what is off."""
+    def wrong(what: str) -> UserError:
+        return UserError(f"{path} is not a {layout.title} batch: {what}; delete it and extract {layout.url} again")
+
+    if not isinstance(entry, dict) or "data" not in entry or layout.label_key not in entry:
+        keys = sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__
+        raise wrong(f"expected a dict with 'data' and {layout.label_key!r}, got {keys}")
+    data, labels = entry["data"], entry[layout.label_key]
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        shape = data.shape if isinstance(data, np.ndarray) else type(data).__name__
+        raise wrong(f"'data' should be a uint8 array of shape (N, 3072), got {shape}")
+    if not isinstance(labels, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+        raise wrong(f"{layout.label_key!r} should be a list of ints")
+    if len(labels) != data.shape[0]:
+        raise wrong(f"{data.shape[0]} images but {len(labels)} labels")
+    bad = [v for v in labels if not 0 <= v < layout.num_classes]
+    if bad:
+        raise wrong(f"label {bad[0]} is outside 0..{layout.num_classes - 1}")
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def _download(layout: _Layout, root: str) -> None:
