@@ -80,7 +80,10 @@ def resume_run(run_id: str, *, tracking_uri: str | None = None, device: str | No
         latest = load_latest(folder) if folder else None
     for warning in skipped:
         say(f"warning: {warning.message}")
+    finished = UserError(f"run {run_id} has finished; there is nothing to resume. Start a new one with dbx run.")
     if latest is None:
+        if run.info.status == "FINISHED":
+            raise finished
         return _restart(run, uri=uri, device=device, force=force, say=say)
     path, payload = latest
     data = check_payload(path, payload)["spec"]
@@ -93,6 +96,8 @@ def resume_run(run_id: str, *, tracking_uri: str | None = None, device: str | No
     check_folder(folder, what=f"the checkpoint folder of run {run_id}")
     parts = build_parts(spec, device_)
     state, drift = _restore(spec, parts, path, payload)
+    if state.epoch >= spec.epochs and run.info.status == "FINISHED":
+        raise finished
     for stale in remove_stale_temporaries(folder):
         say(f"removed {stale.name}, left by a checkpoint write that never finished")
     tracked = tracking.reopen_run(uri, run_id, state.history, force=force)

@@ -303,12 +303,11 @@ def find_run(uri: str, run_id: str) -> Any:
 
 
 def check_resumable(run: Any, *, force: bool = False) -> None:
-    """A run may be continued unless it finished, or its process may still be driving it."""
+    """A run may be continued unless its process may still be driving it (whether a FINISHED run
+    has anything left to train, its checkpoints say)."""
     from dbx import liveness
 
     run_id, status, tags = run.info.run_id, run.info.status, run.data.tags
-    if status == "FINISHED":
-        raise UserError(f"run {run_id} has finished; there is nothing to resume. Start a new one with dbx run.")
     if status != "RUNNING":
         return
     state = liveness.process_state(tags)

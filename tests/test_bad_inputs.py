@@ -343,11 +343,11 @@ def test_a_store_on_a_full_disk_fails_the_run_with_a_message_and_keeps_what_was_
     assert "could not write the checkpoint of epoch 1" in result.output and "No space left on device" in result.output
     assert "Traceback" not in result.output
     client = MlflowClient(tracking_uri=uri)
-    runs = {r.info.run_name: r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
-    big = [r for r in runs.values() if r.data.params.get("model.name") == "mlp"]
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    big = [r for r in runs if r.data.params.get("model.name") == "mlp"]
     assert len(big) == 1 and big[0].info.status == "FAILED"
     assert big[0].data.tags["dbx.failure.reason"] == "checkpoint_failed"
     assert not list(small_disk.rglob("*.tmp")), "a partial checkpoint was left behind"
     assert {p: p.read_bytes() for p in small_disk.glob("dbx-checkpoints/*/*.ckpt")} == checkpoints
-    tiny = [r for r in runs.values() if r.data.params.get("model.name") == "logreg"]
+    tiny = [r for r in runs if r.data.params.get("model.name") == "logreg"]
     assert tiny[0].info.status == "FINISHED" and "final_test_accuracy" in tiny[0].data.metrics
