@@ -54,6 +54,18 @@ class RunCurves:
     wall_seconds: list[float] = field(default_factory=list)
     batch_size: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
+    samples_seen: list[float] = field(default_factory=list)
+    noise_scale: list[float] = field(default_factory=list)  # m * diversity - 1 in measuring epochs, else NaN
+    train_size: int | None = None  # n, the run's dbx.train_size
+    world_size: int | None = None
+
+
+def noise_scales(diversity: Sequence[float], samples: Sequence[float]) -> list[float]:
+    """The gradient noise scale B_simple ~ m * diversity - 1 (McCandlish et al. 2018), per epoch,
+    from the diversity measured over m samples (NaN where nothing was measured): the batch size
+    beyond which a larger batch stops paying for itself, to compare with the batch size used."""
+    return [m * d - 1.0 if not (math.isnan(m) or math.isnan(d)) and m > 0 else math.nan
+            for d, m in zip(diversity, samples, strict=True)]
 
 
 @dataclass
@@ -72,11 +84,14 @@ class Estimate:
 
 @dataclass
 class GroupCurves:
-    """Seed-averaged curves of one group, for the plots: per epoch, mean and standard error."""
+    """Seed-averaged curves of one group, for the plots: per epoch, mean and standard error.
+    ``measured`` holds the series that exist in some epochs only (the noise scale of measuring
+    epochs): metric -> (epochs, mean, se)."""
 
     label: str
     epochs: list[int]
     series: dict[str, tuple[list[float], list[float]]]  # metric -> (mean, se)
+    measured: dict[str, tuple[list[int], list[float], list[float]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,6 +119,7 @@ class Comparison:
     groups: list[GroupResult]
     skipped: list[str] = field(default_factory=list)  # runs left out, with why
     parents: list[str] = field(default_factory=list)  # the sweep parent runs of the compared runs
+    train_sizes: dict[str, list[int]] = field(default_factory=dict)  # group -> the n of its runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,13 +203,17 @@ def summarize_group(group: str, runs: Sequence[RunCurves], target: float) -> Gro
 def group_curves(label: str, runs: Sequence[RunCurves]) -> GroupCurves:
     series = {}
     epochs: list[int] = []
-    for metric in ("test_accuracy", "wall_seconds", "batch_size", "lr"):
+    for metric in ("test_accuracy", "wall_seconds", "batch_size", "lr", "samples_seen"):
         e, mean, se = mean_curve(runs, metric)
         if metric == "test_accuracy":
             epochs = e
         if e == epochs:
             series[metric] = (mean, se)
-    return GroupCurves(label, epochs, series)
+    measured = {}
+    e, mean, se = mean_curve(runs, "noise_scale")
+    if e:
+        measured["noise_scale"] = (e, mean, se)
+    return GroupCurves(label, epochs, series, measured)
 
 
 def compare(runs: Sequence[RunCurves], *, baseline: str | None = None, target: float | None = None,
@@ -307,8 +327,14 @@ def curves_from_record(record: Any, group: str) -> RunCurves | None:
         values = history.get(metric) or {}
         return [values.get(e, math.nan) for e in epochs]
 
+    def param(key: str) -> int | None:
+        text = record.params.get(key)
+        return int(text) if text is not None and text.isdigit() else None
+
     return RunCurves(record.name, group, epochs, [accuracy[e] for e in epochs], column("epoch_seconds"),
-                     column("eval_seconds"), column("wall_seconds"), column("batch_size"), column("lr"))
+                     column("eval_seconds"), column("wall_seconds"), column("batch_size"), column("lr"),
+                     column("samples_seen"), noise_scales(column("diversity"), column("diversity_samples")),
+                     param("dbx.train_size"), param("dbx.world_size"))
 
 
 def load_comparison(uri: str, *, experiment: str | None = None, parent: str | None = None,
@@ -331,6 +357,11 @@ def load_comparison(uri: str, *, experiment: str | None = None, parent: str | No
             continue
         runs.append(curves)
     comparison = compare(runs, baseline=baseline, target=target, what=what, skipped=skipped)
+    for run in runs:
+        if run.train_size is not None:
+            sizes = comparison.train_sizes.setdefault(run.group, [])
+            if run.train_size not in sizes:
+                sizes.append(run.train_size)
     comparison.parents = sorted({r.tags["mlflow.parentRunId"] for r in records if "mlflow.parentRunId" in r.tags})
     return comparison
 
@@ -386,6 +417,13 @@ def notes(comparison: Comparison) -> list[str]:
         "first reached per seed; (k/n): only k of the n seeds reached it, 'not reached': none did.",
         f"speedup: {comparison.baseline} seconds / group seconds (n/a unless every seed of both reached).",
     ]
+    sizes = sorted({n for group in comparison.train_sizes.values() for n in group})
+    if len(sizes) == 1:
+        lines.append(f"Every run trained on n = {sizes[0]} samples.")
+    elif sizes:
+        by_group = "; ".join(f"{g}: {', '.join(map(str, ns))}" for g, ns in comparison.train_sizes.items())
+        lines.append(f"Warning: the runs trained on different numbers of samples n ({by_group}), so their "
+                     f"epochs are not the same amount of work.")
     if comparison.skipped:
         lines.append(f"Left out: {', '.join(comparison.skipped)}.")
     return lines
@@ -435,6 +473,8 @@ def to_dict(comparison: Comparison) -> dict[str, Any]:
         entry.pop("curves")
         entry["baseline"] = g.group == comparison.baseline
         groups.append(entry)
+    for entry in groups:
+        entry["train_size"] = comparison.train_sizes.get(entry["group"], [])
     return {"what": comparison.what, "baseline": comparison.baseline, "target": comparison.target,
             "target_source": comparison.target_source, "skipped": comparison.skipped, "groups": groups}
 

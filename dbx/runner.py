@@ -248,7 +248,7 @@ def derived_params(parts: Any) -> dict[str, Any]:
     """What a run's numbers depend on beyond its spec, so a policy's decisions can be replayed from
     the store alone: the training-set size n (DiveBatch's ``delta * n * diversity``), the test-set
     size, the number of processes that share each batch, and the model's size."""
-    return {"dbx.train_size": parts.train_loader.num_samples, "dbx.test_size": len(parts.data.test),
+    return {"dbx.train_size": parts.train_loader.num_samples, "dbx.test_size": parts.test_loader.num_samples,
             "dbx.world_size": 1, "dbx.model_parameters": sum(p.numel() for p in parts.model.parameters())}
 
 

@@ -543,7 +543,7 @@ class RunRecord:
 
 
 COMPARED_METRICS = ("test_accuracy", "epoch_seconds", "eval_seconds", "train_seconds", "wall_seconds",
-                    "batch_size", "lr")
+                    "batch_size", "lr", "samples_seen", "diversity", "diversity_samples")
 
 
 def runs_to_compare(uri: str, *, experiment: str | None = None, parent: str | None = None) -> tuple[str, list[RunRecord]]:
