@@ -336,16 +336,9 @@ def test_a_run_killed_after_its_last_checkpoint_is_found_stale_and_closed_by_res
     assert again.exit_code == 2 and "has finished" in again.output
 
 
-def test_an_exception_in_a_plugin_fails_the_run_with_the_reason(tmp_path, monkeypatch):
-    """A model (from a tiny real distribution) that breaks in its second epoch."""
-    from dbx import registry
-
-    site = tmp_path / "site"
-    info = site / "flaky_model-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: flaky-model\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[dbx.models]\nflaky = flaky_model_mod:flaky\n")
-    (site / "flaky_model_mod.py").write_text(textwrap.dedent("""
+PLUGINS_THAT_BREAK = {
+    # kind: (distribution, entry point, module source, spec edits, the call named)
+    "model": ("flaky-model", "[dbx.models]\nflaky = flaky_model_mod:flaky\n", """
         import torch
 
         class Flaky(torch.nn.Linear):
@@ -358,22 +351,68 @@ def test_an_exception_in_a_plugin_fails_the_run_with_the_reason(tmp_path, monkey
 
         def flaky(*, num_classes, input_shape):
             return Flaky(input_shape[0], num_classes)
-        """))
-    monkeypatch.syspath_prepend(str(site))
+        """, [("name: logreg", "name: flaky"), ("{name: divebatch, params: {initial: 8, max: 64, resize_every: 1}}",
+                                                "{name: fixed, params: {batch_size: 8}}")], "forward"),
+    "policy": ("grumpy-policy", "[dbx.policies]\ngrumpy = grumpy_mod:Grumpy\n", """
+        from dbx.policies.fixed import FixedBatch
+
+        class Grumpy(FixedBatch):
+            def next_batch_size(self, state, diversity):
+                if state.epoch >= 1:
+                    raise ValueError("the grumpy rule refuses")
+                return super().next_batch_size(state, diversity)
+        """, [("{name: divebatch, params: {initial: 8, max: 64, resize_every: 1}}", "{name: grumpy}")],
+        "next_batch_size"),
+    "estimator": ("sloppy-estimator", "[dbx.estimators]\nsloppy = sloppy_mod:Sloppy\n", """
+        from dbx.estimators.exact import ExactEstimator
+
+        class Sloppy(ExactEstimator):
+            def estimate(self, model, loss_fn, data):
+                return self.finish_the_sums()  # a method it does not have
+        """, [("resize_every: 1}}", "resize_every: 1}}\nestimator: {name: sloppy}")], "estimate"),
+}
+
+
+@pytest.mark.parametrize("kind", list(PLUGINS_THAT_BREAK))
+def test_an_exception_in_a_plugin_fails_the_run_naming_the_plugin_its_distribution_and_the_call(site, kind):
+    """A plugin (from a tiny real distribution) that breaks during training: the FAILED run's tags
+    and the message on stderr say which plugin, from which package, in which call."""
+    from distributions import install
+
+    from dbx import registry
+
+    dist, entry_points, source, edits, call = PLUGINS_THAT_BREAK[kind]
+    install(site, dist, entry_points, {entry_points.split("= ")[1].split(":")[0]: source})
     registry.refresh()
-    monkeypatch.chdir(tmp_path)
-    try:
-        spec = write(tmp_path, edit("name: logreg", "name: flaky").replace(
-            "{name: divebatch, params: {initial: 8, max: 64, resize_every: 1}}", "{name: fixed, params: {batch_size: 8}}"))
-        result = CliRunner().invoke(main, ["run", str(spec)])
-    finally:
-        registry.refresh()
+    name = entry_points.split("\n")[1].split(" =")[0]
+    text = TINY
+    for old, new in edits:
+        text = text.replace(old, new)
+    result = CliRunner().invoke(main, ["run", str(write(site.parent, text))])
     assert result.exit_code == 1, result.output
-    assert "RuntimeError: the flaky layer broke" in result.output
-    _, run = only_run(store(tmp_path))
+    named = f"{kind} {name!r} ({dist} 1.2.3) raised in {call}"
+    assert named in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2
+    _, run = only_run(store(site.parent))
     assert run.info.status == "FAILED"
     assert run.data.tags["dbx.failure.reason"] == "exception"
-    assert "the flaky layer broke" in run.data.tags["dbx.failure.message"]
+    assert run.data.tags["dbx.failure.message"].startswith(named + ": ")
+    assert run.data.tags["dbx.failure.plugin"] == f"{kind} {name!r} ({dist} 1.2.3)"
+    assert run.data.tags["dbx.failure.call"] == call
+
+
+def test_an_exception_in_dbx_itself_blames_no_plugin(tmp_path, monkeypatch):
+    from dbx.train import loop
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("dbx's own bug")
+
+    monkeypatch.setattr(loop, "evaluate", broken)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["run", str(write(tmp_path, TINY))])
+    assert result.exit_code == 1 and "run failed: ZeroDivisionError: dbx's own bug" in result.output
+    _, run = only_run(store(tmp_path))
+    assert "dbx.failure.plugin" not in run.data.tags
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=["sigterm", "sighup", "sigint"])
