@@ -170,6 +170,8 @@ CASES = [
     Case("resume: unknown run", ["resume", "0123456789abcdef", "--tracking-uri", "{uri}"],
          "no run '0123456789abcdef'", store=True),
     Case("resume: a finished run", ["resume", "{run}", "--tracking-uri", "{uri}"], "has finished", store=True),
+    Case("resume: a finished run without checkpoints", ["resume", "{run}", "--tracking-uri", "{uri}"], "has finished",
+         store=True, setup=lambda d: shutil.rmtree(d / "dbx-checkpoints")),
     Case("resume: a run whose process is alive", ["resume", "{run}", "--tracking-uri", "{uri}"],
          "is still running (pid", store=True, setup=run_is_running_here),
     Case("resume: a run RUNNING on another machine", ["resume", "{run}", "--tracking-uri", "{uri}"],

@@ -173,40 +173,6 @@ def test_resume_after_a_damaged_checkpoint_redoes_the_epoch_without_logging_it_t
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-TINY = """\
-name: tiny
-device: cpu
-data: {name: synthetic_logistic, params: {n: 300, d: 4}}
-model: {name: logreg}
-optimizer: {lr: 0.1}
-epochs: 2
-policy: {name: divebatch, params: {initial: 8, max: 64, resize_every: 1}}
-tracking: {system_metrics: false}
-"""
-
-
-def test_resuming_a_run_that_does_not_exist_creates_nothing(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(main, ["resume", "0123456789abcdef", "--tracking-uri", store(tmp_path)])
-    assert result.exit_code == 2 and "no MLflow store" in result.output
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_resuming_an_unknown_run_or_a_finished_one_is_an_input_error(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    spec = write(tmp_path, TINY + "checkpoint: {enabled: false}\n")
-    assert CliRunner().invoke(main, ["run", str(spec)]).exit_code == 0
-    _, run = only_run(store(tmp_path))
-
-    result = CliRunner().invoke(main, ["resume", "0123456789abcdef"])
-    assert result.exit_code == 2 and "no run '0123456789abcdef'" in result.output
-
-    result = CliRunner().invoke(main, ["resume", run.info.run_id])
-    assert result.exit_code == 2 and "has finished; there is nothing to resume" in result.output
-    _, unchanged = only_run(store(tmp_path))
-    assert unchanged.info.status == "FINISHED"
-
-
 def test_skip_step_fails_the_run_when_every_step_is_non_finite(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = write(tmp_path, edit("lr: 0.1", "lr: 1.0e30").replace("synthetic_logistic", "synthetic_linear")
