@@ -184,33 +184,72 @@ def runs(tracking_uri: str | None, experiment: str | None, limit: int, stale: bo
 @main.command()
 @click.argument("spec_paths", metavar="SPEC...", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Apply overrides before checking, as in `dbx run`.")
+@click.option("--strict", is_flag=True, help="Count warnings (plugins whose params dbx cannot check) as problems.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
-def validate(spec_paths: tuple[str, ...], overrides: tuple[str, ...], debug: bool) -> None:
+def validate(spec_paths: tuple[str, ...], overrides: tuple[str, ...], strict: bool, debug: bool) -> None:
     """Check specs without running them: every problem, with file:line, at once.
 
     \b
     Examples:
       dbx validate experiments/quickstart.yaml
       dbx validate experiments/*/*.yaml
+      dbx validate --strict my_plugin/example.yaml   # a plugin author's CI
 
     Checks the YAML, the keys and types, and that each named plugin exists and accepts the
-    given params. Exit code 0 when all are valid, 2 otherwise. Starts no run.
+    given params. A plugin whose signature dbx cannot check params against (an untyped or
+    positional parameter) gets a warning: its params reach it unchecked. Exit code 0 when all
+    are valid, 2 otherwise (also for warnings, with --strict). Starts no run.
     """
     from dbx.checks import check_spec_file
 
     failed = 0
     for path in spec_paths:
+        warnings: list[str] = []
         try:
-            check_spec_file(path, overrides)
-            click.echo(f"ok  {path}")
+            check_spec_file(path, overrides, warn=warnings.append)
         except UserError as exc:
             failed += 1
             if debug:
                 traceback.print_exception(exc)
             click.echo(f"{exc}", err=True)
+            continue
+        for warning in warnings:
+            click.echo(warning, err=True)
+        if strict and warnings:
+            failed += 1
+        else:
+            click.echo(f"ok  {path}" + (f" ({len(warnings)} warning(s))" if warnings else ""))
     if failed:
         click.echo(f"{failed} of {len(spec_paths)} spec(s) have problems", err=True)
         sys.exit(2)
+
+
+@main.command("spec")
+@click.option("--markdown", is_flag=True, help="The reference as Markdown (what docs/spec.md holds), not a YAML spec.")
+@click.option("--output", "-o", default=None, metavar="FILE", type=click.Path(dir_okay=False),
+              help="Write to FILE instead of printing.")
+def spec_command(markdown: bool, output: str | None) -> None:
+    """Every key a spec may hold, from the schema itself: as a YAML spec with every default
+    filled in and each key described (a starting point), or with --markdown as the reference.
+
+    \b
+    Examples:
+      dbx spec > my_spec.yaml                          # then fill in the required keys
+      dbx spec --markdown --output docs/spec.md        # regenerate the reference
+    """
+    from dbx.spec_reference import markdown_reference, yaml_template
+
+    text = markdown_reference() if markdown else yaml_template()
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        with open(output, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as exc:
+        click.echo(f"error: cannot write {output}: {exc.strerror or exc}", err=True)
+        sys.exit(2)
+    click.echo(f"wrote {output}")
 
 
 @main.group(invoke_without_command=True)
@@ -224,7 +263,7 @@ def plugins(ctx: click.Context, check: bool) -> None:
     The NAME column is what a spec uses, e.g. policy: {name: divebatch}.
 
     \b
-    Write your own:  dbx plugins new policy myrule   (then see docs/plugins.md)
+    Write your own:  dbx plugins new policy|estimator|model|dataset NAME   (then see docs/plugins.md)
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -239,28 +278,37 @@ def new() -> None:
     """Start a plugin package of your own, from a template."""
 
 
-@new.command("policy")
-@click.argument("name")
-@click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False),
-              help="Folder in which to create the package folder dbx-NAME.")
-@click.option("--debug", is_flag=True, help="Show full tracebacks.")
-def new_policy(name: str, directory: str, debug: bool) -> None:
-    """Write a batch-size policy package NAME: setup.cfg with the entry point, a documented
-    policy module, a test that runs dbx's contract checks, an example spec and a README.
+def _new_command(kind: str) -> None:
+    """``dbx plugins new KIND NAME`` for one kind (the four differ only in words)."""
+    from dbx.scaffold import KINDS
+
+    title, section, _ = KINDS[kind]
+
+    @new.command(kind, help=f"""Write a {title} package NAME: setup.cfg with the entry point, a documented
+    {kind} module to edit, tests that run dbx's contract checks, an example spec and a README.
 
     \b
     Example:
-      dbx plugins new policy myrule
-      pip install -e dbx-myrule && pytest dbx-myrule && dbx run dbx-myrule/example.yaml
-    """
-    from dbx.scaffold import new_policy_package
+      dbx plugins new {kind} my{kind}
+      pip install -e dbx-my{kind} && pytest dbx-my{kind} && dbx run dbx-my{kind}/example.yaml
+    """)
+    @click.argument("name")
+    @click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False),
+                  help="Folder in which to create the package folder dbx-NAME.")
+    @click.option("--debug", is_flag=True, help="Show full tracebacks.")
+    def command(name: str, directory: str, debug: bool) -> None:
+        from dbx.scaffold import new_package
 
-    folder = _guarded(debug, lambda: new_policy_package(name, directory))
-    click.echo(f"created {folder}")
-    click.echo("next:")
-    click.echo(f"  pip install -e {folder}        # registers policy {name!r} with dbx")
-    click.echo(f"  pytest {folder}                # the contract checks and your rule's tests")
-    click.echo(f"  dbx run {folder}/example.yaml  # a one-minute run, logged to MLflow")
+        folder = _guarded(debug, lambda: new_package(kind, name, directory))
+        click.echo(f"created {folder}")
+        click.echo("next:")
+        click.echo(f"  pip install -e {folder}        # registers {kind} {name!r} with dbx ({section}: {{name: {name}}})")
+        click.echo(f"  pytest {folder}                # the contract checks and your {kind}'s tests")
+        click.echo(f"  dbx run {folder}/example.yaml  # a one-minute run, logged to MLflow")
+
+
+for _kind in ("policy", "estimator", "model", "dataset"):
+    _new_command(_kind)
 
 
 @main.command()

@@ -5,7 +5,7 @@ This is the only module that knows both ways a spec can run; ``dbx.sweep`` build
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from dbx.checks import check_spec_file
 
@@ -15,7 +15,7 @@ Say = Callable[[str], None]
 def run_spec(path: str, overrides: Sequence[str] = (), *, tracking_uri: str | None = None,
              experiment: str | None = None, say: Say = print, dry_run: bool = False) -> int:
     """Run the spec at ``path`` (each point of its sweep, if it has one); return the exit code."""
-    spec = check_spec_file(path, overrides)
+    spec = check_spec_file(path, overrides, warn=say)
     from dbx import sweep
 
     if dry_run:
@@ -25,9 +25,23 @@ def run_spec(path: str, overrides: Sequence[str] = (), *, tracking_uri: str | No
 
     uri = tracking.resolve_tracking_uri(tracking_uri, spec.tracking.uri)
     check_store(uri)
+    _check_checkpoint_folders(spec, uri)
     tracking.mark_stale(uri, say=say)  # runs left RUNNING by a process that is gone
     if spec.sweep:
         return sweep.run_sweep(spec, uri=uri, experiment=experiment, say=say)
     from dbx.runner import run_one
 
     return run_one(spec, uri=uri, experiment=experiment, say=say).exit_code
+
+
+def _check_checkpoint_folders(spec: Any, uri: str) -> None:
+    """Every checkpoint folder the spec's runs would write to can be written: checked before a
+    sweep's parent run (or the one run) exists."""
+    from dbx import tracking
+    from dbx.spec import expand_sweep
+    from dbx.train.checkpoint import check_folder
+
+    bases = {tracking.checkpoint_base(uri, point.checkpoint.dir) for _, point in expand_sweep(spec)
+             if point.checkpoint.enabled}
+    for base in sorted(bases):
+        check_folder(base)

@@ -79,8 +79,11 @@ After every epoch dbx checkpoints the run. A policy's ``state_dict()`` (and an e
 has one) is saved with it. ``dbx resume RUN_ID`` builds every part again from the same spec, with
 the same parameters and injected keywords, then calls ``load_state_dict(saved)`` before the first
 resumed epoch; the resumed run must then choose exactly the batch sizes the uninterrupted run
-would have. Save plain Python values only (int, float, str, bool, None, lists, dicts): no tensors,
-no objects of your own classes.
+would have. Save plain Python values only (int, float, str, bool, None, lists, dicts with str
+keys): the checkpoint keeps them as JSON text (tuples come back as lists; NaN and infinities
+survive), never pickled, so that reading a checkpoint can run no code. ``dbx.testing`` restores
+a policy after every epoch of a scripted run and names the first epoch where it decides otherwise;
+``dbx resume`` replays the last decision from the saved state and warns when it differs.
 
 Testing a plugin
 ----------------
@@ -153,7 +156,7 @@ class DiversityEstimate:
     also reasonable). ``sum_sq_norms`` and ``sq_norm_of_sum`` are None for an estimator that does
     not report them; a policy that needs them should say so in its error message.
 
-    Statistics a policy can derive (see ``docs/plugins.md`` and PAPER.md): with the true gradient
+    Statistics a policy can derive (see ``docs/plugins.md`` and ``docs/algorithm.md``): with the true gradient
     G = E[g] and per-sample covariance Sigma,
 
     - gradient noise scale (McCandlish et al. 2018), B_simple = tr(Sigma) / ||G||^2: to first

@@ -180,6 +180,64 @@ def params_of(kind: str, factory: Callable[..., Any]) -> tuple[dict[str, Param],
     return params, var_kw
 
 
+def signature_problems(kind: str, factory: Any) -> list[str]:
+    """What keeps ``factory``'s signature from serving as dbx's parameter schema (empty when fine).
+
+    dbx passes params by keyword and checks each value against its type hint before a run, so
+    every parameter must be keyword-only (a bare ``*`` before them), have a type hint, and a
+    default that satisfies it; ``*args`` cannot receive anything. ``dbx.testing``'s checks,
+    ``dbx validate`` and ``dbx plugins --check`` all report these.
+    """
+    if not callable(factory):
+        return [f"the entry point must name a class or function, got {type(factory).__name__}"]
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError) as exc:
+        return [f"its signature cannot be read ({exc}); dbx needs it as the parameter schema"]
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception as exc:  # noqa: BLE001 - whatever breaks the hints, the author must fix it
+        return [f"its type hints cannot be resolved ({type(exc).__name__}: {exc}); dbx could not check "
+                f"params against them (import every name a hint uses, outside TYPE_CHECKING)"]
+    problems = []
+    for p in signature.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            continue
+        if p.kind is p.VAR_POSITIONAL:
+            problems.append(f"it takes *{p.name}; dbx passes keywords only: remove it")
+            continue
+        if p.kind is not p.KEYWORD_ONLY:
+            problems.append(f"parameter {p.name!r} is not keyword-only; put a bare * before the parameters "
+                            f"(def __init__(self, *, {p.name}...)) so the signature is the schema")
+        if p.name in INJECTED[kind]:
+            continue
+        if p.name not in hints:
+            problems.append(f"parameter {p.name!r} has no type hint; dbx validates spec params against the "
+                            f"hints (e.g. {p.name}: int = ...)")
+            continue
+        if p.default is not inspect.Parameter.empty:
+            error = type_error(hints[p.name], p.default)
+            if error:
+                problems.append(f"the default of {p.name!r} ({p.default!r}) does not match its type hint: {error}")
+    return problems
+
+
+def type_error(annotation: Any, value: Any) -> str | None:
+    """How ``value`` fails ``annotation`` under the rules ``dbx validate`` applies, or None."""
+    if annotation is Any:
+        return None
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        TypeAdapter(annotation).validate_python(value, strict=_strict_for(annotation, value))
+    except ValidationError as exc:
+        return exc.errors()[0]["msg"]
+    except Exception:  # noqa: BLE001 - a hint pydantic cannot handle is accepted as-is
+        return None
+    return None
+
+
 def check_params(kind: str, name: str, params: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
     """Problems with ``params`` for plugin ``name``, as (key path inside params, message) pairs."""
     from pydantic import TypeAdapter, ValidationError  # light, and only needed here
@@ -207,13 +265,25 @@ def check_params(kind: str, name: str, params: dict[str, Any]) -> list[tuple[tup
         except ValidationError as exc:
             first = exc.errors()[0]
             expects = "" if typing.get_origin(annotation) is typing.Literal else f"; {name} expects {_type_name(annotation)}"
-            problems.append(((key,), f"{first['msg']} (got {value!r}{expects})"))
+            problems.append(((key,), f"{first['msg']} (got {_shown(value)}{expects})"))
         except Exception:  # noqa: BLE001 - an annotation pydantic cannot handle is not the user's fault
             continue
     for key, param in schema.items():
         if param.required and key not in params:
             problems.append(((key,), f"missing required parameter {key!r} for {kind} {name!r}"))
     return problems
+
+
+def _shown(value: Any, width: int = 60) -> str:
+    """``repr(value)``, cut to ``width`` characters: a message is one line, whatever the value."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlist = short.maxdict = short.maxtuple = short.maxset = 4
+    short.maxstring = short.maxother = width
+    short.maxlevel = 2
+    shortened = short.repr(value)
+    return shortened if len(shortened) <= width else shortened[: width - 3] + "..."
 
 
 def _strict_for(annotation: Any, value: Any) -> bool:
@@ -236,4 +306,6 @@ def build(kind: str, name: str, params: dict[str, Any], **injected: Any) -> Any:
     except UserError:
         raise
     except (TypeError, ValueError) as exc:
-        raise PluginError(f"{kind} {name!r} rejected its parameters {params}: {exc}") from exc
+        entry = info(kind, name)
+        raise PluginError(f"{kind} {name!r} (from {entry.distribution} {entry.version}) rejected its parameters "
+                          f"{_shown(params, 120)}: {exc}") from exc

@@ -5,7 +5,7 @@ e.g. ``divebatch``); seeds of one group are repeats. Per group, over its seeds, 
 error of:
 
 - the final test accuracy (last epoch) and the best;
-- the paper's metric (PAPER.md, "How they measured faster"): the accuracy is averaged over seeds
+- the paper's metric (docs/algorithm.md, "Measuring faster"): the accuracy is averaged over seeds
   per epoch; "epochs to +-1%" is the first epoch whose mean accuracy reaches the group's *own*
   final accuracy minus 1 point, and "seconds to +-1%" sums the mean training time per epoch
   (``epoch_seconds``: evaluation excluded) up to and including that epoch. The standard error of

@@ -263,6 +263,9 @@ def _save_checkpoint(folder: Any, spec: Any, parts: Any, state: Any, run_id: str
         raise RunFailed(f"could not write the checkpoint of epoch {state.epoch} to {folder}: "
                         f"{exc.strerror or exc}. Free space there or set checkpoint.dir elsewhere; "
                         f"{earlier}", reason="checkpoint_failed", epoch=state.epoch) from exc
+    except TypeError as exc:  # a plugin's state_dict() that a checkpoint cannot hold
+        raise RunFailed(f"could not checkpoint epoch {state.epoch}: {exc}", reason="checkpoint_failed",
+                        epoch=state.epoch) from exc
 
 
 def _blame(exc: BaseException, spec: Any, parts: Any) -> dict[str, str]:

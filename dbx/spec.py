@@ -83,6 +83,7 @@ class SpecError(UserError):
         self.problems = list(problems)
         self.data: Any = None  # the document as read, when it could be read
         self.where: Any = None  # key path -> "file:line", alongside ``data``
+        self.poisoned: Collection[Path] = ()  # key paths whose value could not be read (already reported)
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
@@ -96,7 +97,12 @@ StrictStr = Annotated[str, Strict()]
 StrictInt = Annotated[int, Strict()]
 StrictBool = Annotated[bool, Strict()]
 Number = Annotated[float, Strict(), AllowInfNan(False)]
-PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+#: The largest count a spec may hold (batch sizes, epochs of a schedule, ...): far above any real
+#: run, and small enough that a typo with twenty digits is an error, not a run that never ends.
+MAX_COUNT = 2**31 - 1
+MAX_EPOCHS = 1_000_000
+MAX_SEED = 2**32 - 1  # what every generator dbx and its plugins seed (numpy's legacy one too) accepts
+PositiveInt = Annotated[int, Strict(), Field(gt=0, le=MAX_COUNT)]
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
@@ -224,13 +230,13 @@ class Spec(_Section):
     """One experiment: what to train, how, with which batch-size policy, and where to log it."""
 
     name: StrictStr = Field(pattern=NAME_PATTERN, description="run name: letters, digits, '_', '.', '-'")
-    seed: StrictInt = Field(0, ge=0, description="seed for weights, data order and plugins")
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description="seed for weights, data order and plugins")
     device: StrictStr = Field("auto", pattern=DEVICE_PATTERN, description="auto | cpu | cuda | cuda:N")
     data: DataSpec = Field(description="the dataset plugin and its parameters")
     model: ModelSpec = Field(description="the model plugin and its parameters")
     optimizer: OptimizerSpec = Field(description="SGD settings; lr is required")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="learning-rate schedule")
-    epochs: StrictInt = Field(gt=0, description="number of passes over the training data")
+    epochs: StrictInt = Field(gt=0, le=MAX_EPOCHS, description="number of passes over the training data")
     policy: PluginSpec = Field(description="the batch-size policy plugin: fixed, adabatch, divebatch, ...")
     estimator: PluginSpec = Field(
         default_factory=lambda: PluginSpec(name="exact"),
@@ -393,6 +399,11 @@ class _Reader:
     which PyYAML silently collapses, and refuse every tag that is not plain data.
     """
 
+    #: How many values (scalars, lists, mappings) a document may hold once its aliases are
+    #: expanded. Aliases are read once and shared, but whatever walks the data later (validation,
+    #: MLflow params) expands them: nine nested aliases of nine items are 387 million values.
+    MAX_VALUES = 100_000
+
     def __init__(self, loader: yaml.SafeLoader, source: str) -> None:
         self.loader = loader
         self.source = source
@@ -401,6 +412,7 @@ class _Reader:
         self.poisoned: set[Path] = set()  # paths whose value could not be read at all
         self._done: dict[int, Any] = {}
         self._active: set[int] = set()
+        self._sizes: dict[int, int] = {}  # node -> number of values once expanded
 
     def problem(self, node: yaml.Node, path: Path, message: str, poison: bool = False) -> None:
         self.problems.append(Problem(f"{self.source}:{node.start_mark.line + 1}", ".".join(path), message))
@@ -418,8 +430,16 @@ class _Reader:
             value = self._read(node, path)
         finally:
             self._active.discard(id(node))
+        if self._sizes.get(id(node), 1) > self.MAX_VALUES:
+            self.problem(node, path, f"YAML aliases expand this value to more than {self.MAX_VALUES:,} values "
+                                     f"(an alias bomb?); write the values out instead", poison=True)
+            value, self._sizes[id(node)] = None, 1
         self._done[id(node)] = value
         return value
+
+    def _size(self, nodes: Sequence[yaml.Node]) -> int:
+        """1 for a list or mapping itself, plus what each of its items expands to."""
+        return 1 + sum(self._sizes.get(id(n), 1) for n in nodes)
 
     def _read(self, node: yaml.Node, path: Path) -> Any:
         if isinstance(node, yaml.MappingNode) and node.tag == _TAG + "map":
@@ -429,6 +449,7 @@ class _Reader:
             for index, item in enumerate(node.value):
                 self.lines[path + (str(index),)] = item.start_mark.line + 1
                 items.append(self.read(item, path + (str(index),)))
+            self._sizes[id(node)] = self._size(node.value)
             return items
         if isinstance(node, yaml.ScalarNode) and node.tag in _SCALAR_TAGS:
             try:
@@ -459,6 +480,7 @@ class _Reader:
                 first_line.setdefault(key, line)
             self.lines[path + (key,)] = line  # the value kept is the last one, so is its line
             result[key] = self.read(value_node, path + (key,))
+        self._sizes[id(node)] = self._size([value for _, value in node.value]) + len(node.value)
         return result
 
 
@@ -759,6 +781,7 @@ def _validate(data: Any, origin: _Origin, earlier: Sequence[Problem] = (), poiso
     if problems or spec is None:
         error = SpecError(_sort_problems(problems, origin.source))
         error.data, error.where = data, origin.where  # so plugin names can still be checked
+        error.poisoned = poisoned
         raise error
     spec._origin = origin
     return spec

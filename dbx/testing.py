@@ -20,17 +20,17 @@ Public API (see ``dbx.protocols``): ``ContractError``, ``check_policy``, ``check
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import math
-import pickle
 import random
 import typing
 from typing import Any, Callable
 
 from dbx.errors import UserError
+from dbx.plugin_state import decode_state, encode_state, state_differences
 from dbx.protocols import BatchSizePolicy, DataSplits, DiversityEstimate, DiversityEstimator, EpochState
 from dbx.registry import INJECTED as _INJECTED
+from dbx.registry import signature_problems, type_error
 
 __all__ = [
     "ContractError",
@@ -137,39 +137,13 @@ def _require_protocol(obj: Any, name: str, protocol: type, methods: tuple[str, .
 
 def _schema_problems(kind: str, factory: Any, params: dict[str, Any]) -> list[str]:
     """What keeps ``factory``'s signature from serving as dbx's parameter schema, and bad ``params``."""
-    if not callable(factory):
-        return [f"the entry point must name a class or function, got {type(factory).__name__}"]
+    problems = signature_problems(kind, factory)
     try:
         signature = inspect.signature(factory)
-    except (TypeError, ValueError) as exc:
-        return [f"its signature cannot be read ({exc}); dbx needs it as the parameter schema"]
-    target = factory.__init__ if inspect.isclass(factory) else factory
-    try:
-        hints = typing.get_type_hints(target)
-    except Exception as exc:  # noqa: BLE001 - whatever breaks the hints, the author must fix it
-        return [f"its type hints cannot be resolved ({type(exc).__name__}: {exc}); dbx could not check "
-                f"params against them (import every name a hint uses, outside TYPE_CHECKING)"]
-    problems = []
+        hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
+    except Exception:  # noqa: BLE001 - signature_problems said why
+        return problems
     injected = _INJECTED[kind]
-    for p in signature.parameters.values():
-        if p.kind is p.VAR_KEYWORD:
-            continue
-        if p.kind is p.VAR_POSITIONAL:
-            problems.append(f"it takes *{p.name}; dbx passes keywords only: remove it")
-            continue
-        if p.kind is not p.KEYWORD_ONLY:
-            problems.append(f"parameter {p.name!r} is not keyword-only; put a bare * before the parameters "
-                            f"(def __init__(self, *, {p.name}...)) so the signature is the schema")
-        if p.name in injected:
-            continue
-        if p.name not in hints:
-            problems.append(f"parameter {p.name!r} has no type hint; dbx validates spec params against the "
-                            f"hints (e.g. {p.name}: int = ...)")
-            continue
-        if p.default is not inspect.Parameter.empty:
-            error = _type_error(hints[p.name], p.default)
-            if error:
-                problems.append(f"the default of {p.name!r} ({p.default!r}) does not match its type hint: {error}")
     schema = {p.name for p in signature.parameters.values()
               if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in injected}
     takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
@@ -179,7 +153,7 @@ def _schema_problems(kind: str, factory: Any, params: dict[str, Any]) -> list[st
         elif key not in schema and not takes_any:
             problems.append(f"params sets {key!r}, which the signature does not accept")
         elif key in hints:
-            error = _type_error(hints[key], value)
+            error = type_error(hints[key], value)
             if error:
                 problems.append(f"params {key}={value!r} does not match its type hint: {error}")
     for p in signature.parameters.values():
@@ -187,21 +161,6 @@ def _schema_problems(kind: str, factory: Any, params: dict[str, Any]) -> list[st
                 and p.name not in injected and p.name not in params):
             problems.append(f"parameter {p.name!r} is required but not in params; pass a value to the check")
     return problems
-
-
-def _type_error(annotation: Any, value: Any) -> str | None:
-    """How ``value`` fails ``annotation`` under the rules ``dbx validate`` applies, or None."""
-    if annotation is Any:
-        return None
-    from pydantic import TypeAdapter, ValidationError
-
-    try:
-        TypeAdapter(annotation).validate_python(value, strict=not isinstance(value, int))
-    except ValidationError as exc:
-        return exc.errors()[0]["msg"]
-    except Exception:  # noqa: BLE001 - a hint pydantic cannot handle is accepted as-is by dbx too
-        return None
-    return None
 
 
 def _construct(kind: str, factory: Any, params: dict[str, Any], injected: dict[str, Any],
@@ -291,8 +250,11 @@ def check_policy(factory: Callable[..., Any], *, dataset_size: int = 50_000, par
       report them) is either used, or refused with an error whose message names ``sum_sq_norms``
       (so the user learns to pick another estimator); a policy that refuses them is then driven
       with estimates that have the sums only;
-    - ``state_dict()`` is plain Python data, and a fresh policy given it with ``load_state_dict``
-      halfway continues exactly like the original (what a resumed run relies on);
+    - ``state_dict()`` is plain Python data that survives the checkpoint's format (JSON, see
+      ``dbx.plugin_state``), ``load_state_dict`` restores all of it, and a run in which the policy
+      is saved and restored into a fresh one after *every* epoch chooses exactly the batch sizes
+      of the run without restores (what ``dbx resume`` relies on); the first epoch where the
+      two differ is named;
     - two policies built alike answer alike (deterministic under a seed).
 
     Returns the batch sizes used per epoch in each scenario, by scenario name, for inspection.
@@ -344,7 +306,7 @@ def check_policy(factory: Callable[..., Any], *, dataset_size: int = 50_000, par
             problems.append(f"scenario {name!r}: two policies built alike chose different batch sizes "
                             f"({[b for b, _, _ in trace]} vs {[b for b, _, _ in again]}); a policy must be "
                             f"deterministic given its arguments and state (seed any randomness from `seed`)")
-        _check_resume(build, epochs, dataset_size, estimates, problems, in_bounds, name)
+        _check_resume(build, epochs, dataset_size, estimates, problems, in_bounds, name, trace)
     if problems:
         raise ContractError(subject, problems)
     return results
@@ -371,11 +333,16 @@ def _needs_sums(policy: Any, dataset_size: int, problems: list[str]) -> bool:
 
 def _run_policy(policy: Any, epochs: int, dataset_size: int, estimates: Callable[[int], DiversityEstimate],
                 problems: list[str], in_bounds: Callable[[Any, str], bool], scenario: str,
-                first_epoch: int = 1, start: int | None = None) -> list[tuple[int, bool, Any]] | None:
-    """Run the loop's calls; return (batch size, measured, answer) per epoch, or None after a problem."""
+                first_epoch: int = 1, start: int | None = None,
+                total: int | None = None) -> list[tuple[int, bool, Any]] | None:
+    """Run the loop's calls; return (batch size, measured, answer) per epoch, or None after a problem.
+
+    ``total`` is the run's length as the policy sees it (``EpochState.epochs``), by default the
+    last epoch simulated."""
     if policy is None:
         return None
     last = first_epoch + epochs - 1
+    total = last if total is None else total
     batch = policy.initial_batch_size() if start is None else start
     trace = []
     for epoch in range(first_epoch, last + 1):
@@ -388,7 +355,7 @@ def _run_policy(policy: Any, epochs: int, dataset_size: int, estimates: Callable
                     problems.append(f"{where}: measures_in returned {measured!r}; it must return a bool")
                     return None
             diversity = estimates(epoch) if measured else None
-            state = epoch_state(epoch, batch, dataset_size=dataset_size, epochs=last)
+            state = epoch_state(epoch, batch, dataset_size=dataset_size, epochs=total)
             answer = policy.next_batch_size(state, diversity)
             if not in_bounds(answer, f"{where}: next_batch_size"):
                 return None
@@ -410,49 +377,67 @@ def _run_policy(policy: Any, epochs: int, dataset_size: int, estimates: Callable
 
 def _check_resume(build: Callable[[], Any], epochs: int, dataset_size: int,
                   estimates: Callable[[int], DiversityEstimate], problems: list[str],
-                  in_bounds: Callable[[Any, str], bool], scenario: str) -> None:
-    """Stop halfway, restore a fresh policy from state_dict, and compare the rest with the original."""
-    half = max(1, epochs // 2)
-    original = build()
-    before = _run_policy(original, half, dataset_size, estimates, problems, in_bounds, scenario)
-    if before is None:
-        return
+                  in_bounds: Callable[[Any, str], bool], scenario: str,
+                  straight: list[tuple[int, bool, Any]]) -> None:
+    """Save and restore the policy into a fresh one after every epoch, as ``dbx resume`` would
+    after a kill there; the decisions must be those of the ``straight`` run, epoch by epoch."""
+    policy = build()
+    batch = policy.initial_batch_size() if policy is not None else 0
+    for epoch in range(1, epochs + 1):
+        if epoch > 1:
+            policy = _restored(policy, build, problems, f"scenario {scenario!r}, after epoch {epoch - 1}")
+            if policy is None:
+                return
+        step = _run_policy(policy, 1, dataset_size, estimates, problems, in_bounds, scenario,
+                           first_epoch=epoch, start=batch, total=epochs)
+        if step is None:
+            return
+        expected = straight[epoch - 1]
+        if step[0] != expected:
+            agreed = f" (epochs 1-{epoch - 1} agreed)" if epoch > 1 else ""
+            what = (f"measures_in({epoch}) answered {step[0][1]} where the uninterrupted policy answered {expected[1]}"
+                    if step[0][1] != expected[1] else
+                    f"it chose batch size {step[0][2]} after epoch {epoch} where the uninterrupted policy chose "
+                    f"{expected[2]}")
+            problems.append(
+                f"scenario {scenario!r}: restored from state_dict() after every epoch, {what}{agreed}; "
+                f"state_dict must capture everything next_batch_size and measures_in depend on (a counter, a "
+                f"smoothed value, a random generator), or a resumed run drifts from an uninterrupted one")
+            return
+        batch = step[0][2]
+
+
+def _restored(policy: Any, build: Callable[[], Any], problems: list[str], where: str) -> Any:
+    """A fresh policy given ``policy``'s state through the checkpoint's format, or None after a problem."""
     try:
-        state = original.state_dict()
+        state = policy.state_dict()
     except Exception as exc:  # noqa: BLE001
-        problems.append(f"state_dict() raised {type(exc).__name__}: {exc}")
-        return
+        problems.append(f"{where}: state_dict() raised {type(exc).__name__}: {exc}")
+        return None
     if not isinstance(state, dict):
         problems.append(f"state_dict() returned a {type(state).__name__}; it must return a dict")
-        return
+        return None
     not_plain = _plain(state)
     if not_plain:
         problems.extend(f"state_dict(): {p}" for p in not_plain)
-        return
+        return None
     try:
-        saved = pickle.loads(pickle.dumps(state))
-    except Exception as exc:  # noqa: BLE001
-        problems.append(f"state_dict() cannot be pickled ({exc}); dbx saves it in the checkpoint")
-        return
-    resumed = build()
+        saved = encode_state(state)
+    except TypeError as exc:
+        problems.append(f"state_dict() cannot be saved in a checkpoint: {exc}")
+        return None
+    fresh = build()
     try:
-        resumed.load_state_dict(copy.deepcopy(saved))
+        fresh.load_state_dict(decode_state(saved))
+        again = encode_state(fresh.state_dict())
     except Exception as exc:  # noqa: BLE001
-        problems.append(f"load_state_dict(state_dict()) raised {type(exc).__name__}: {exc}")
-        return
-    batch = before[-1][2]
-    rest = epochs - half
-    if rest <= 0:
-        return
-    expected = _run_policy(original, rest, dataset_size, estimates, problems, in_bounds, scenario,
-                           first_epoch=half + 1, start=batch)
-    got = _run_policy(resumed, rest, dataset_size, estimates, problems, in_bounds, scenario,
-                      first_epoch=half + 1, start=batch)
-    if expected is not None and got is not None and expected != got:
-        problems.append(
-            f"scenario {scenario!r}: after load_state_dict(state_dict()) at epoch {half}, a fresh policy chose "
-            f"{[b for b, _, _ in got]} where the original chose {[b for b, _, _ in expected]}; "
-            f"state_dict must capture everything next_batch_size and measures_in depend on")
+        problems.append(f"{where}: load_state_dict(state_dict()) raised {type(exc).__name__}: {exc}")
+        return None
+    if again != saved:
+        problems.append(f"{where}: after load_state_dict(state), state_dict() is not the state given "
+                        f"({state_differences(saved, again)}); load_state_dict must restore everything")
+        return None
+    return fresh
 
 
 # --------------------------------------------------------------------------------------------------
@@ -476,7 +461,9 @@ def check_estimator(factory: Callable[..., Any], *, params: dict[str, Any] | Non
     - the weights, their ``.grad`` and the model's train mode are as before ``estimate``;
     - ``detach`` leaves no hook on any module or parameter;
     - a second measuring epoch gives the same value (accumulators are reset);
-    - ``state_dict()``, if defined, is plain Python data.
+    - ``state_dict()``, if defined, is plain Python data that survives the checkpoint's format,
+      ``load_state_dict`` restores all of it, and a fresh estimator restored from the state saved
+      after the first measuring epoch measures the second one exactly as the original did.
 
     Returns the first estimate.
     """
@@ -511,7 +498,10 @@ def check_estimator(factory: Callable[..., Any], *, params: dict[str, Any] | Non
     _check_no_hooks(model, problems, "after the first detach()")
 
     results = []
+    saved: Any = None  # the state after the first measuring epoch, as a checkpoint holds it
     for attempt in ("first", "second"):
+        if attempt == "second" and callable(getattr(estimator, "state_dict", None)):
+            saved = _saved_estimator_state(estimator, problems)
         try:
             results.append(_measure(estimator, model, loss_fn, inputs, targets))
         except Exception as exc:  # noqa: BLE001
@@ -536,15 +526,54 @@ def check_estimator(factory: Callable[..., Any], *, params: dict[str, Any] | Non
         if reference_rtol is not None and not _close(first.value, reference, reference_rtol):
             problems.append(f"value {first.value} differs from the diversity of the explicit per-sample gradients "
                             f"({reference}) by more than rtol={reference_rtol}")
-    if callable(getattr(estimator, "state_dict", None)):
-        try:
-            state = estimator.state_dict()
-            problems.extend(f"state_dict(): {p}" for p in _plain(state))
-        except Exception as exc:  # noqa: BLE001
-            problems.append(f"state_dict() raised {type(exc).__name__}: {exc}")
+    if saved is not None and isinstance(second, DiversityEstimate):
+        _check_estimator_resume(factory, params, seed, saved, second, model, loss_fn, inputs, targets, problems)
     if problems:
         raise ContractError(subject, problems)
     return first
+
+
+def _saved_estimator_state(estimator: Any, problems: list[str]) -> str | None:
+    try:
+        state = estimator.state_dict()
+    except Exception as exc:  # noqa: BLE001
+        problems.append(f"state_dict() raised {type(exc).__name__}: {exc}")
+        return None
+    not_plain = _plain(state)
+    if not_plain:
+        problems.extend(f"state_dict(): {p}" for p in not_plain)
+        return None
+    try:
+        return encode_state(state)
+    except TypeError as exc:
+        problems.append(f"state_dict() cannot be saved in a checkpoint: {exc}")
+        return None
+
+
+def _check_estimator_resume(factory: Any, params: dict[str, Any], seed: int, saved: str, expected: DiversityEstimate,
+                            model: Any, loss_fn: Callable[..., Any], inputs: Any, targets: Any,
+                            problems: list[str]) -> None:
+    """A fresh estimator given the state saved after the first measuring epoch measures the second
+    one exactly as the original did (what ``dbx resume`` relies on)."""
+    twin = _construct("estimator", factory, params, {"seed": seed}, problems)
+    if twin is None or not callable(getattr(twin, "load_state_dict", None)):
+        problems.append("it has state_dict() but no load_state_dict(); dbx resume could not restore its state")
+        return
+    try:
+        twin.load_state_dict(decode_state(saved))
+        again = encode_state(twin.state_dict())
+        resumed = _measure(twin, model, loss_fn, inputs, targets)
+    except Exception as exc:  # noqa: BLE001
+        problems.append(f"restoring load_state_dict(state_dict()) and measuring raised {type(exc).__name__}: {exc}")
+        return
+    if again != saved:
+        problems.append(f"after load_state_dict(state), state_dict() is not the state given "
+                        f"({state_differences(saved, again)}); load_state_dict must restore everything")
+    elif isinstance(resumed, DiversityEstimate) and not (
+            resumed.value == expected.value or (math.isnan(resumed.value) and math.isnan(expected.value))):
+        problems.append(f"restored from state_dict() after the first measuring epoch, it measured {resumed.value} in "
+                        f"the second where the original measured {expected.value}; state_dict must capture "
+                        f"everything estimate() depends on (e.g. a random generator's state)")
 
 
 def _measure(estimator: Any, model: Any, loss_fn: Callable[..., Any], inputs: Any, targets: Any) -> Any:
@@ -629,7 +658,9 @@ def check_model(factory: Callable[..., Any], *, input_shape: tuple[int, ...] = (
     for ``num_classes`` (and, with ``regression``, for ``num_classes=None``); a batch of 2 inputs
     of ``input_shape`` gives outputs of shape ``(2, num_classes)`` (``(2, 1)``) in eval and train
     mode, and the backward reaches the parameters; two builds after ``torch.manual_seed(seed)``
-    have the same weights (the factory must not seed torch itself).
+    have the same weights (the factory must not seed torch itself); the weights, written to a
+    checkpoint and read back (``torch.load(weights_only=True)``) into a model built with another
+    seed, give the same outputs.
     """
     import torch
     from torch import nn
@@ -681,8 +712,42 @@ def check_model(factory: Callable[..., Any], *, input_shape: tuple[int, ...] = (
             if differing:
                 problems.append(f"two builds after torch.manual_seed({seed}) differ in {differing[:3]}; "
                                 f"let dbx seed torch (do not reseed or use another generator)")
+            _check_model_resume(model, factory, params, classes, tuple(input_shape), x, seed, problems)
     if problems:
         raise ContractError(subject, problems)
+
+
+def _check_model_resume(model: Any, factory: Any, params: dict[str, Any], classes: int, input_shape: tuple[int, ...],
+                        x: Any, seed: int, problems: list[str]) -> None:
+    """The weights go through the checkpoint's format into a model built with another seed, which
+    must then compute the same outputs (what ``dbx resume`` relies on)."""
+    import torch
+
+    from dbx.train.checkpoint import round_trip
+
+    label = f"num_classes={classes}"
+    try:
+        saved = round_trip(model.state_dict())
+    except UserError as exc:
+        problems.append(f"{label}: its state_dict() cannot be read back from a checkpoint: {exc}")
+        return
+    torch.manual_seed(seed + 1)
+    other = _construct("model", factory, params, {"num_classes": classes, "input_shape": input_shape}, problems)
+    if other is None:
+        return
+    try:
+        other.load_state_dict(saved)
+    except Exception as exc:  # noqa: BLE001
+        problems.append(f"{label}: load_state_dict(state_dict() read back from a checkpoint) raised "
+                        f"{type(exc).__name__}: {exc}")
+        return
+    model.eval()
+    other.eval()
+    with torch.no_grad():
+        same = torch.equal(model(x), other(x))
+    if not same:
+        problems.append(f"{label}: a model restored from the checkpoint of another computes other outputs; keep "
+                        f"everything the forward pass uses in parameters or buffers (or get_extra_state)")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The paper's specs (experiments/cifar10, cifar100, tiny_imagenet) and their CPU-scale versions
-(experiments/cpu) pass `dbx validate`, carry PAPER.md's hyper-parameters, and a CPU spec trains
+(experiments/cpu) pass `dbx validate`, carry the paper's hyper-parameters (docs/algorithm.md), and a CPU spec trains
 end to end on a tiny MNIST written in the real IDX format."""
 import struct
 from pathlib import Path
@@ -29,8 +29,8 @@ def test_spec_is_valid(path):
     assert spec.sweep == {"seed": [0, 1, 2, 3, 4]} or path.parent.name == "cpu"
 
 
-# PAPER.md, "Setup per dataset": (B0, lr0, weight decay, schedule, epochs, delta, scaled lr)
-PAPER = {
+# docs/algorithm.md, "The paper's experiments, as dbx specs": (B0, lr0, weight decay, schedule, epochs, delta, scaled lr)
+SETUPS = {
     "cifar10": (128, 0.1, 5e-4, ("cosine", 200), 200, 0.1, 1.6),
     "cifar100": (128, 0.1, 5e-4, ("multistep", [60, 120, 160], 0.2), 200, 0.01, 1.6),
     "tiny_imagenet": (256, 0.01, 1e-4, ("step", 30, 0.1), 90, 0.01, 0.16),
@@ -43,9 +43,9 @@ def schedule_of(spec):
             "step": (s.name, s.step_size, s.gamma)}[s.name]
 
 
-@pytest.mark.parametrize("folder", sorted(PAPER))
+@pytest.mark.parametrize("folder", sorted(SETUPS))
 def test_paper_hyper_parameters(folder):
-    b0, lr, wd, schedule, epochs, delta, scaled_lr = PAPER[folder]
+    b0, lr, wd, schedule, epochs, delta, scaled_lr = SETUPS[folder]
     specs = {m: check_spec_file(str(EXPERIMENTS / folder / f"{m}.yaml")) for m in METHODS}
     for method, spec in specs.items():
         assert spec.optimizer.momentum == 0.9 and spec.optimizer.weight_decay == wd, method

@@ -99,7 +99,7 @@ def test_state_dict_survives_torch_save(tmp_path):
     torch.save(loader.state_dict(), tmp_path / "state.pt")
     expected = ids(epoch(loader))
     fresh = loader_for("tensors", n=20, batch_size=4, shuffle=True, augment=lambda x, g: x)
-    fresh.load_state_dict(torch.load(tmp_path / "state.pt"))
+    fresh.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     assert ids(epoch(fresh)) == expected
 
 

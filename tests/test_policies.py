@@ -1,4 +1,4 @@
-"""The built-in batch-size policies, checked against the rules they cite (PAPER.md)."""
+"""The built-in batch-size policies, checked against the rules they cite (docs/algorithm.md)."""
 import math
 
 import pytest

@@ -21,7 +21,7 @@ from dbx.cli import main
 from dbx.data.cifar import cifar10, cifar100
 from dbx.errors import UserError
 from dbx.safe_pickle import UnsafePickle, load_plain
-from dbx.train.checkpoint import MAGIC, UnsafeCheckpoint, read_checkpoint, save_checkpoint
+from dbx.train.checkpoint import MAGIC, UnsafeCheckpoint, read_checkpoint, round_trip, save_checkpoint
 
 SYSTEM = f"{os.system.__module__}.system"  # posix.system on Linux
 
@@ -304,3 +304,52 @@ def test_python_tags_in_a_spec_stay_inert(tmp_path, where):
         assert "unsupported YAML tag" in result.output
     assert not marker.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_spec_is_a_clear_error(tmp_path):
+    uri, run_id, folder = finished_run(tmp_path)
+    (folder / "epoch-0003.ckpt").unlink()
+    payload = read_checkpoint(folder / "epoch-0002.ckpt")
+    payload["spec"]["model"]["params"] = {"bias": False}  # the saved weights have a bias
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    forge(folder / "epoch-0002.ckpt", buffer.getvalue())
+    result = CliRunner().invoke(main, ["resume", run_id, "--tracking-uri", uri])
+    assert result.exit_code == 2, result.output
+    assert "epoch-0002.ckpt does not fit the run its spec describes (RuntimeError: " in result.output
+    assert len(result.output.strip().splitlines()) <= 2
+
+
+@pytest.mark.parametrize("payload, problem", [
+    ({"format": 99}, "its format is 99; this dbx reads formats 1 and 2"),
+    ("a string", "it holds a str, not the dict dbx writes"),
+    ({"format": 2, "spec": [], "state": {"epoch": 1, "batch_size": 8, "mood": "odd"}, "model": {}, "optimizer": {},
+      "train_loader": {}, "rng": {"python": 0}, "policy": {}, "estimator": None},
+     "its 'spec' is a list, not a dict; its 'policy' is a dict, not the plugin's state; its run state has keys this "
+     "dbx does not know: mood; its random-generator states lack numpy, torch"),
+], ids=["format", "not-a-dict", "wrong-parts"])
+def test_every_way_a_payload_is_not_a_dbx_checkpoint_is_named(payload, problem):
+    from dbx.train.checkpoint import payload_problems
+
+    assert problem in "; ".join(payload_problems(payload))
+
+
+def test_bytes_with_a_valid_checksum_that_torch_cannot_read_are_foreign_not_damaged(tmp_path):
+    from dbx.train.checkpoint import ForeignCheckpoint
+
+    forge(tmp_path / "epoch-0001.ckpt", b"not a torch payload at all")
+    with pytest.raises(ForeignCheckpoint, match="passes its checksum but cannot be read as a checkpoint"):
+        read_checkpoint(tmp_path / "epoch-0001.ckpt")
+
+
+def test_random_states_of_both_formats_restore():
+    import random
+
+    from dbx.train.checkpoint import restore_rng_states, rng_states
+
+    format_1 = {"python": random.getstate, "numpy": np.random.get_state, "torch": torch.get_rng_state}
+    for take in (rng_states, lambda: {key: get() for key, get in format_1.items()}):
+        states = take()
+        expected = (random.random(), np.random.rand(), torch.rand(1).item())
+        restore_rng_states(round_trip(states))
+        assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

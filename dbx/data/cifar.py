@@ -5,7 +5,7 @@ Files: ``<root>/cifar-10-batches-py/{data_batch_1..5, test_batch}`` and
 ``torchvision.datasets.CIFAR10/100(root, download=True)``) create. ``root`` may also be that folder
 itself. Nothing is downloaded unless ``download: true``.
 
-Training augmentation as PAPER.md: random crop 32 with padding 4 and horizontal flip; CIFAR-100
+Training augmentation as in the paper (docs/algorithm.md): random crop 32 with padding 4 and horizontal flip; CIFAR-100
 adds a random rotation of up to 15 degrees. Normalisation with the means and standard deviations
 the authors' code used (pytorch-cifar for CIFAR-10, pytorch-cifar100 for CIFAR-100). By default the
 whole dataset lives on the training device and is augmented there in batches (see
@@ -150,10 +150,14 @@ def _checked_entry(entry: object, path: str, layout: _Layout) -> tuple[np.ndarra
 
 
 def _download(layout: _Layout, root: str) -> None:
+    """Fetch and unpack the official archive (its MD5 checked), without torchvision's dataset
+    class: that would read the batches with ``pickle.load``."""
     import torchvision
+    from torchvision.datasets.utils import download_and_extract_archive
 
+    official = getattr(torchvision.datasets, layout.torchvision_class)
     try:
-        getattr(torchvision.datasets, layout.torchvision_class)(root, train=True, download=True)
+        download_and_extract_archive(official.url, root, filename=official.filename, md5=official.tgz_md5)
     except Exception as exc:  # noqa: BLE001 - no network, a bad checksum, a read-only folder...
         raise UserError(f"downloading {layout.title} into {root} failed ({type(exc).__name__}: {exc}); "
                         f"download {layout.url} yourself and extract it there") from exc

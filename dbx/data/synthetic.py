@@ -1,6 +1,6 @@
 """Synthetic tasks: the logistic-regression problem of DiveBatch's prototype, and a linear variant.
 
-PAPER.md ("The synthetic experiment"): n = 20,000 samples, d = 512 features uniform in [-1, 1],
+docs/algorithm.md ("The synthetic task"), after the DiveBatch authors' prototype: n = 20,000 samples, d = 512 features uniform in [-1, 1],
 a Gaussian true weight vector, and labels from the sign of the logit with small noise. The paper's
 exact noise model is not recoverable; here it is Gaussian noise of standard deviation ``noise``
 added to the *standardised* logit ``z = sqrt(3) <x, w> / ||w||`` (``z`` has unit variance given

@@ -11,7 +11,7 @@ Layout (as in http://cs231n.stanford.edu/tiny-imagenet-200.zip, extracted)::
 The validation split (labelled) is the test split; the official test split has no labels. Class
 indices follow the sorted wnids (as ``torchvision.datasets.ImageFolder`` would number them).
 
-Transforms as PAPER.md (the authors' ImageNet recipe at 224 px): training
+Transforms as in the paper (docs/algorithm.md; the authors' ImageNet recipe at 224 px): training
 ``RandomResizedCrop(224) + RandomHorizontalFlip``, evaluation ``Resize(256) + CenterCrop(224)``,
 then ImageNet normalisation. ``native: true`` keeps the 64 px images instead (training: random crop
 64 with padding 4 and flip), 12x less compute per image; at 64 px the whole set also fits on the
@@ -160,5 +160,8 @@ def _val_samples(folder: str, index: dict[str, int]) -> list[tuple[str, int]]:
             if len(fields) < 2 or fields[1] not in index:
                 raise UserError(f"{annotations}:{number}: expected '<image>\\t<wnid listed in wnids.txt>', "
                                 f"got {line.strip()!r}")
+            if os.path.basename(fields[0]) != fields[0] or fields[0] in (".", ".."):
+                raise UserError(f"{annotations}:{number}: image {fields[0]!r} is not a file name in val/images "
+                                f"(a path leading elsewhere); the file is not the official one: unzip {URL} again")
             samples.append((os.path.join(folder, "val", "images", fields[0]), index[fields[1]]))
     return sorted(samples)

@@ -156,21 +156,33 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     digest, data = raw[len(MAGIC):header], raw[header:]
     if hashlib.sha256(data).digest() != digest:
         raise CorruptCheckpoint(f"{path} fails its checksum")
+    return _decode(data, str(path))
+
+
+def round_trip(payload: Any) -> Any:
+    """``payload`` written and read back as a checkpoint's payload is (``dbx.testing`` checks
+    plugins with it); the UserError of ``read_checkpoint`` when it does not survive."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return _decode(buffer.getvalue(), "the payload")
+
+
+def _decode(data: bytes, source: str) -> Any:
     try:
         with torch.serialization.safe_globals(_FORMAT_1_GLOBALS):
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if refused is None:
-            raise ForeignCheckpoint(f"{path} passes its checksum but cannot be read as a checkpoint "
+            raise ForeignCheckpoint(f"{source} passes its checksum but cannot be read as a checkpoint "
                                     f"({_first_line(exc)}); delete it to resume from the one before") from None
         raise UnsafeCheckpoint(
-            f"refused to load {path}: its payload asks to call {refused.group(1)}, which a dbx checkpoint never "
+            f"refused to load {source}: its payload asks to call {refused.group(1)}, which a dbx checkpoint never "
             f"holds (only tensors and plain data); nothing from it was run. The file was not written by dbx, or "
             f"was altered after: delete it (dbx resume then uses the checkpoint before it) or restore a trusted "
             f"copy") from None
     except (RuntimeError, ValueError, EOFError) as exc:
-        raise ForeignCheckpoint(f"{path} passes its checksum but cannot be read as a checkpoint "
+        raise ForeignCheckpoint(f"{source} passes its checksum but cannot be read as a checkpoint "
                                 f"({_first_line(exc)}); delete it to resume from the one before") from None
 
 

@@ -38,8 +38,14 @@ class RecordedPolicy:
         self.last_decision: dict[str, Any] | None = None
 
     def next_batch_size(self, state: EpochState, diversity: DiversityEstimate | None) -> int:
-        before = encode_state(self.policy.state_dict(), owner=f"policy {self.name!r}")
+        try:
+            before = encode_state(self.policy.state_dict(), owner=f"policy {self.name!r}")
+        except TypeError:  # the checkpoint then fails with this message, at the right epoch
+            before = None
         answer = self.policy.next_batch_size(state, diversity)
+        if before is None:
+            self.last_decision = None
+            return answer
         self.last_decision = {
             "policy_state": before,
             "epoch_state": dataclasses.asdict(state),

@@ -1,8 +1,8 @@
 """Learning-rate schedules and the rescale rules applied when the batch size changes.
 
 The schedule is a pure function of the epoch, so resuming needs no scheduler object; the rescale
-is a separate factor that multiplies the scheduled lr and persists (PAPER.md: "at each resize,
-lr *= B_next / B, applied after the scheduler's step").
+is a separate factor that multiplies the scheduled lr and persists (DiveBatch's "rescale"
+variant: at each resize lr *= B_next / B, on top of the schedule; docs/algorithm.md).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ the batch nearly halves the steps needed; above it, it mostly wastes samples. As
 ||G|| shrinks faster than the noise, B_simple grows, and so should the batch.
 
 dbx already measures what B_simple needs. Its estimators report the gradient diversity of m
-per-sample gradients, ``d = sum_i ||g_i||^2 / ||sum_i g_i||^2``, and (PAPER.md)
+per-sample gradients, ``d = sum_i ||g_i||^2 / ||sum_i g_i||^2``, and (dbx's docs/algorithm.md)
 
     m * d = 1 + B_simple                     (to first order in 1/m)
 
