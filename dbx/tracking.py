@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from dbx.errors import UserError
 from dbx.liveness import process_tags
+from dbx.store import check_store  # noqa: F401 - the store's checks, where callers found them before
 
 DEFAULT_DB = "mlflow.db"  # MLflow's own default store name: a plain `mlflow ui` in the same folder shows it
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # makes the MLflow 3 UI open on the training-runs view
@@ -441,7 +442,6 @@ def mark_stale_if_writable(uri: str, *, say: Any) -> None:
 def describe_runs(uri: str, *, experiment: str | None = None, limit: int = 20) -> list[str]:
     """``dbx runs``: the newest runs, one line each, with the state of a RUNNING run's process."""
     from dbx import liveness
-    from dbx.store import check_store
 
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         raise UserError(f"there is no MLflow store at {uri}. Run `dbx run SPEC` first, or pass the store "
@@ -551,7 +551,6 @@ def runs_to_compare(uri: str, *, experiment: str | None = None, parent: str | No
     the store, oldest first, with their per-epoch metrics. Returns a description of the selection
     too. Sweep parents themselves are left out. A store, experiment or run that is not there is a
     UserError."""
-    from dbx.store import check_store
 
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         raise UserError(f"there is no MLflow store at {uri}. Run `dbx run SPEC` first, or pass the store "

@@ -274,6 +274,26 @@ def test_bad_input_is_answered_in_two_lines_with_exit_2_and_nothing_created_or_l
                 path.chmod(0o755 if path.is_dir() else 0o644)
 
 
+def test_a_store_in_a_read_only_folder_can_still_be_compared_and_listed(finished_store, tmp_path, monkeypatch):
+    source, run_id = finished_store
+    folder = tmp_path / "shared"
+    shutil.copytree(source, folder)
+    (folder / ".mlflow.db.lock").unlink(missing_ok=True)  # as a store another tool made
+    read_only(folder)
+    monkeypatch.chdir(tmp_path)
+    try:
+        before = snapshot(folder)
+        listed = CliRunner().invoke(main, ["runs", "--tracking-uri", uri_of(folder)])
+        assert listed.exit_code == 0 and run_id in listed.output, listed.output
+        compared = CliRunner().invoke(main, ["compare", "--tracking-uri", uri_of(folder), "--experiment", "tiny",
+                                             "--format", "csv"])
+        assert compared.exit_code == 0, compared.output
+        assert snapshot(folder) == before
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(folder)], capture_output=True)
+        folder.chmod(0o755)
+
+
 def test_the_table_has_the_cases_the_issue_asks_for():
     names = {case.what for case in CASES}
     assert len(CASES) >= 40 and len(names) == len(CASES)
