@@ -319,7 +319,7 @@ PLUGINS_THAT_BREAK = {
             return Flaky(input_shape[0], num_classes)
         """, [("name: logreg", "name: flaky"), ("{name: divebatch, params: {initial: 8, max: 64, resize_every: 1}}",
                                                 "{name: fixed, params: {batch_size: 8}}")], "forward"),
-    "policy": ("grumpy-policy", "[dbx.policies]\ngrumpy = grumpy_mod:Grumpy\n", """
+    "policy": ("grumpy-policy", "[dbx.policies]\ngrumpy = blame_grumpy_policy:Grumpy\n", """
         from dbx.policies.fixed import FixedBatch
 
         class Grumpy(FixedBatch):
@@ -329,7 +329,7 @@ PLUGINS_THAT_BREAK = {
                 return super().next_batch_size(state, diversity)
         """, [("{name: divebatch, params: {initial: 8, max: 64, resize_every: 1}}", "{name: grumpy}")],
         "next_batch_size"),
-    "estimator": ("sloppy-estimator", "[dbx.estimators]\nsloppy = sloppy_mod:Sloppy\n", """
+    "estimator": ("sloppy-estimator", "[dbx.estimators]\nsloppy = blame_sloppy_estimator:Sloppy\n", """
         from dbx.estimators.exact import ExactEstimator
 
         class Sloppy(ExactEstimator):

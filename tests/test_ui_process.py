@@ -65,6 +65,16 @@ def store(tmp_path_factory):
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the server's processes through /proc")
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["sigterm", "sigint", "sighup"])
 def test_a_stop_signal_to_dbx_ui_stops_the_server_and_its_workers(store, tmp_path, stop):
+    """And first, `dbx ui` marks the runs whose process is gone."""
+    from mlflow import MlflowClient
+
+    from dbx.liveness import PID_TAG, process_tags
+
+    client = MlflowClient(tracking_uri=store)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    experiment = client.get_experiment_by_name("left-running") or client.get_experiment(
+        client.create_experiment("left-running"))
+    stale = client.create_run(experiment.experiment_id, tags={**process_tags(), PID_TAG: gone.stdout.strip()})
     port = free_port()
     log = tmp_path / "ui.log"
     ui = subprocess.Popen([sys.executable, "-m", "dbx.cli", "ui", "--tracking-uri", store, "--port", str(port)],
@@ -90,6 +100,8 @@ def test_a_stop_signal_to_dbx_ui_stops_the_server_and_its_workers(store, tmp_pat
         assert not [pid for pid in server if alive(pid)], "server processes outlived dbx ui:\n" + log.read_text()
         assert port_is_free(port)
         assert f"stopped ({signal.Signals(stop).name})" in log.read_text()
+        assert f"marked run {stale.info.run_name} ({stale.info.run_id}) KILLED" in log.read_text()
+        assert client.get_run(stale.info.run_id).info.status == "KILLED"
     finally:
         if ui.poll() is None:
             os.killpg(ui.pid, signal.SIGKILL)
