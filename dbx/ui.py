@@ -25,6 +25,8 @@ GRACE_S = 5.0
 def check_port(host: str, port: int) -> None:
     """The port must be free now, or the server would fail after dbx printed its address."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # as the server will: connections of a server stopped a moment ago (TIME_WAIT) do not count
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:

@@ -44,7 +44,9 @@ def alive(pid: int) -> bool:
 
 
 def port_is_free(port: int) -> bool:
+    """Nothing listens there (a server's old connections in TIME_WAIT do not count, as for any server)."""
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
             return True
