@@ -55,7 +55,7 @@ def _guarded(debug: bool, action: Callable[[], Any]) -> Any:
     except KeyboardInterrupt:  # before a run existed (a run's own interruption returns 130 itself)
         if debug:
             traceback.print_exc()
-        click.echo("interrupted; no run was left open", err=True)
+        click.echo("interrupted before training started", err=True)
         sys.exit(130)
 
 

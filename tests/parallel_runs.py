@@ -11,8 +11,12 @@ import os
 import sys
 import tempfile
 
+import matplotlib
 import mlflow  # noqa: F401 - imported before the fork, as the children need it
 import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot  # noqa: E402,F401 - each run draws its curves at the end
 
 from dbx.checks import check_spec_file
 from dbx.cli import main
