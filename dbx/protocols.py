@@ -18,6 +18,11 @@ goes through a deprecation period):
 ``dbx.errors``         ``UserError``: raise it when the *user's input* is wrong (a missing data
                        file, a parameter combination that cannot work); dbx prints its message
                        without a traceback and exits with code 2
+``dbx`` (top level)    measuring and adapting in a loop of your own (docs/your-loop.md):
+                       ``DiversityMeter``, ``MeterError``, ``per_sample_sq_norms``,
+                       ``PerSampleSqNorms``, ``build_policy``, ``AdaptiveBatchSize``, ``Resize``,
+                       ``PolicyError``, ``log_diversity``; and ``dbx.integrations.lightning`` /
+                       ``dbx.integrations.transformers`` (``DiversityCallback``)
 ``dbx.testing``        contract checks for the plugin's own tests: ``check_policy``,
                        ``check_estimator``, ``check_model``, ``check_dataset``, ``ContractError``,
                        and helpers to drive a policy by hand (``epoch_state``,

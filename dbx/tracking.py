@@ -637,3 +637,36 @@ def ui_address(host: str, port: int) -> str:
     """Where the UI opens on the training-runs view: MLflow 3 decides the view by its
     ``workflowType`` (remembered in the browser), not only by the experiment's tag."""
     return f"http://{host}:{port}/#/experiments?workflowType=machine_learning"
+
+
+def log_diversity(meter: Any, *, step: int | None = None, per_layer: bool = False,
+                  extra: dict[str, float] | None = None) -> dict[str, float]:
+    """Log a ``DiversityMeter``'s last estimate (or a ``DiversityEstimate``) to the active MLflow run.
+
+    One ``log_metrics`` call (``diversity``, ``diversity_samples``, ``diversity_sum_sq_norms``,
+    ``diversity_sq_norm_of_sum``, ``estimator_seconds``; with ``per_layer`` one
+    ``diversity/<module path>`` each; plus ``extra``, e.g. ``{"batch_size": b}``), at ``step``
+    (use the epoch, as ``dbx run`` does). Returns what it logged. There must be an active run
+    (``with mlflow.start_run():``): creating one behind your back would scatter epochs over runs.
+    """
+    import mlflow
+
+    from dbx.protocols import DiversityEstimate
+
+    if mlflow.active_run() is None:
+        raise UserError("log_diversity: no active MLflow run; wrap the training loop in "
+                        "`with mlflow.start_run():` (or start one with mlflow.start_run() first)")
+    if isinstance(meter, DiversityEstimate):
+        metrics = {"diversity": meter.value, "diversity_samples": float(meter.samples),
+                   "estimator_seconds": meter.seconds}
+        if meter.sum_sq_norms is not None:
+            metrics["diversity_sum_sq_norms"] = float(meter.sum_sq_norms)
+        if meter.sq_norm_of_sum is not None:
+            metrics["diversity_sq_norm_of_sum"] = float(meter.sq_norm_of_sum)
+        if per_layer:
+            metrics.update({f"diversity/{key}": value for key, value in meter.per_layer.items()})
+    else:
+        metrics = meter.metrics(per_layer=per_layer)
+    metrics.update({key: float(value) for key, value in (extra or {}).items()})
+    mlflow.log_metrics(metrics, step=step)
+    return metrics
