@@ -21,9 +21,12 @@ def run_spec(path: str, overrides: Sequence[str] = (), *, tracking_uri: str | No
     if dry_run:
         return sweep.describe_points(spec, say)
     from dbx import tracking
+    from dbx.store import check_store
 
     uri = tracking.resolve_tracking_uri(tracking_uri, spec.tracking.uri)
+    check_store(uri)
     _check_checkpoint_folders(spec, uri)
+    tracking.mark_stale(uri, say=say)  # runs left RUNNING by a process that is gone
     if spec.sweep:
         return sweep.run_sweep(spec, uri=uri, experiment=experiment, say=say)
     from dbx.runner import run_one

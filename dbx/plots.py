@@ -2,6 +2,7 @@
 comparison of several groups of runs (``dbx compare --plot``)."""
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 
@@ -27,7 +28,12 @@ def training_curves(history: list[dict[str, float]]) -> Any:
     loss_ax.set_ylabel("loss")
     loss_ax.set_yscale("log")
     loss_ax.legend()
-    batch_ax.step(epochs, [h["batch_size"] for h in history], where="post")
+    batch_ax.step(epochs, [h["batch_size"] for h in history], where="post", label="batch size")
+    measured = [(h["epoch"], h["diversity_samples"] * h["diversity"] - 1) for h in history
+                if "diversity" in h and h.get("diversity_samples") and math.isfinite(h["diversity"])]
+    if measured:  # the batch size beyond which a larger one stops paying: what DiveBatch follows
+        batch_ax.plot(*zip(*measured, strict=True), "o--", alpha=0.7, label="noise scale m·diversity − 1")
+        batch_ax.legend(fontsize=8)
     batch_ax.set_ylabel("batch size")
     batch_ax.set_yscale("log", base=2)
     lr_ax.plot(epochs, [h["lr"] for h in history])
@@ -39,19 +45,21 @@ def training_curves(history: list[dict[str, float]]) -> Any:
 
 
 def comparison_curves(groups: Sequence[Any], *, target: float | None = None, ylabel: str = "test accuracy") -> Any:
-    """A 2x2 figure, one line per group with a band of +-1 standard error over seeds: the compared
-    metric (``ylabel``: test accuracy, or perplexity) against epochs and against wall seconds,
-    batch size and lr against epochs. ``groups`` are ``dbx.report.GroupCurves``: ``label``,
-    ``epochs`` and ``series`` (``score``, ``wall_seconds``, ``batch_size``, ``lr`` -> (mean per
-    epoch, standard error per epoch))."""
+    """A 2x3 figure, one line per group with a band of +-1 standard error over seeds: the compared
+    metric (``ylabel``: test accuracy, or perplexity) against epochs, wall seconds and samples seen
+    (epochs x n: the same work for every policy); batch size and lr against epochs; and the
+    gradient noise scale m·diversity − 1 of the measuring epochs, the batch size beyond which a
+    larger one stops paying. ``groups`` are ``dbx.report.GroupCurves``: ``label``, ``epochs``,
+    ``series`` (``score``, ``wall_seconds``, ``samples_seen``, ``batch_size``, ``lr`` -> (mean per
+    epoch, standard error per epoch)) and ``measured`` (metric -> (epochs, mean, se))."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    figure, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    (acc_ax, time_ax), (batch_ax, lr_ax) = axes
+    figure, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    (acc_ax, time_ax, samples_ax), (batch_ax, lr_ax, noise_ax) = axes
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for index, group in enumerate(groups):
         color = colors[index % len(colors)]
@@ -60,14 +68,17 @@ def comparison_curves(groups: Sequence[Any], *, target: float | None = None, yla
         if "score" in series:
             mean, se = series["score"]
             _line_with_band(acc_ax, epochs, mean, se, color, group.label)
-            if "wall_seconds" in series:
-                seconds = series["wall_seconds"][0]
-                _line_with_band(time_ax, seconds, mean, se, color, group.label)
+            for metric, ax in (("wall_seconds", time_ax), ("samples_seen", samples_ax)):
+                if metric in series:
+                    _line_with_band(ax, series[metric][0], mean, se, color, group.label)
         if "batch_size" in series:
             _line_with_band(batch_ax, epochs, *series["batch_size"], color, group.label, step=True)
         if "lr" in series:
             _line_with_band(lr_ax, epochs, *series["lr"], color, group.label)
-    for ax in (acc_ax, time_ax):
+        if "noise_scale" in getattr(group, "measured", {}):
+            at, mean, se = group.measured["noise_scale"]
+            _line_with_band(noise_ax, at, mean, se, color, group.label, marker="o")
+    for ax in (acc_ax, time_ax, samples_ax):
         ax.set_ylabel(ylabel)
         if "perplexity" in ylabel:  # from hundreds at the start to a few at the end
             ax.set_yscale("log")
@@ -75,12 +86,19 @@ def comparison_curves(groups: Sequence[Any], *, target: float | None = None, yla
             ax.axhline(target, color="grey", linestyle=":", linewidth=1, label="common target")
     acc_ax.set_xlabel("epoch")
     time_ax.set_xlabel("wall seconds since the start (mean over seeds)")
+    samples_ax.set_xlabel("training samples seen")
     batch_ax.set_ylabel("batch size")
     batch_ax.set_yscale("log", base=2)
     lr_ax.set_ylabel("learning rate")
-    for ax in (batch_ax, lr_ax):
+    noise_ax.set_ylabel("noise scale m·diversity − 1")
+    if noise_ax.has_data():
+        noise_ax.set_yscale("log", base=2)
+    else:
+        noise_ax.text(0.5, 0.5, "no diversity measured", ha="center", va="center", transform=noise_ax.transAxes,
+                      color="grey")
+    for ax in (batch_ax, lr_ax, noise_ax):
         ax.set_xlabel("epoch")
-    for ax in (acc_ax, batch_ax, lr_ax):
+    for ax in (acc_ax, batch_ax, lr_ax, noise_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes.flat:
         ax.grid(alpha=0.3)
@@ -91,12 +109,12 @@ def comparison_curves(groups: Sequence[Any], *, target: float | None = None, yla
 
 
 def _line_with_band(ax: Any, x: Sequence[float], mean: Sequence[float], se: Sequence[float], color: str,
-                    label: str, step: bool = False) -> None:
+                    label: str, step: bool = False, marker: str | None = None) -> None:
     low = [m - s for m, s in zip(mean, se, strict=True)]
     high = [m + s for m, s in zip(mean, se, strict=True)]
     if step:
         ax.step(x, mean, where="post", color=color, label=label)
         ax.fill_between(x, low, high, step="post", color=color, alpha=0.2, linewidth=0)
     else:
-        ax.plot(x, mean, color=color, label=label)
+        ax.plot(x, mean, color=color, label=label, marker=marker)
         ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0)

@@ -97,6 +97,18 @@ class RunCurves:
     wall_seconds: list[float] = field(default_factory=list)
     batch_size: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
+    samples_seen: list[float] = field(default_factory=list)
+    noise_scale: list[float] = field(default_factory=list)  # m * diversity - 1 in measuring epochs, else NaN
+    train_size: int | None = None  # n, the run's dbx.train_size
+    world_size: int | None = None
+
+
+def noise_scales(diversity: Sequence[float], samples: Sequence[float]) -> list[float]:
+    """The gradient noise scale B_simple ~ m * diversity - 1 (McCandlish et al. 2018), per epoch,
+    from the diversity measured over m samples (NaN where nothing was measured): the batch size
+    beyond which a larger batch stops paying for itself, to compare with the batch size used."""
+    return [m * d - 1.0 if not (math.isnan(m) or math.isnan(d)) and m > 0 else math.nan
+            for d, m in zip(diversity, samples, strict=True)]
 
 
 @dataclass
@@ -115,11 +127,14 @@ class Estimate:
 
 @dataclass
 class GroupCurves:
-    """Seed-averaged curves of one group, for the plots: per epoch, mean and standard error."""
+    """Seed-averaged curves of one group, for the plots: per epoch, mean and standard error.
+    ``measured`` holds the series that exist in some epochs only (the noise scale of measuring
+    epochs): metric -> (epochs, mean, se)."""
 
     label: str
     epochs: list[int]
     series: dict[str, tuple[list[float], list[float]]]  # metric -> (mean, se)
+    measured: dict[str, tuple[list[int], list[float], list[float]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -148,6 +163,7 @@ class Comparison:
     skipped: list[str] = field(default_factory=list)  # runs left out, with why
     parents: list[str] = field(default_factory=list)  # the sweep parent runs of the compared runs
     metric: Metric = field(default_factory=lambda: METRICS["test_accuracy"])
+    train_sizes: dict[str, list[int]] = field(default_factory=dict)  # group -> the n of its runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,13 +250,17 @@ def summarize_group(group: str, runs: Sequence[RunCurves], target: float, metric
 def group_curves(label: str, runs: Sequence[RunCurves]) -> GroupCurves:
     series = {}
     epochs: list[int] = []
-    for metric in ("score", "wall_seconds", "batch_size", "lr"):
+    for metric in ("score", "wall_seconds", "batch_size", "lr", "samples_seen"):
         e, mean, se = mean_curve(runs, metric)
         if metric == "score":
             epochs = e
         if e == epochs:
             series[metric] = (mean, se)
-    return GroupCurves(label, epochs, series)
+    measured = {}
+    e, mean, se = mean_curve(runs, "noise_scale")
+    if e:
+        measured["noise_scale"] = (e, mean, se)
+    return GroupCurves(label, epochs, series, measured)
 
 
 def compare(runs: Sequence[RunCurves], *, baseline: str | None = None, target: float | None = None,
@@ -298,6 +318,51 @@ def group_of(record: Any, group_by: str) -> str:
     return "/".join(parts)
 
 
+def check_group_by(records: Sequence[Any], group_by: str) -> None:
+    """Each key of ``--group-by`` must be known to at least one run; a typo would otherwise put
+    every run into one group ``?`` and compare nothing."""
+    import difflib
+
+    for key in (k.strip() for k in group_by.split(",")):
+        if key == "name":
+            continue
+        if key.startswith("tags."):
+            known = sorted({f"tags.{t}" for r in records for t in r.tags if not t.startswith("mlflow.")})
+        else:
+            known = sorted({p for r in records for p in r.params})
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, known, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        kind = "tag" if key.startswith("tags.") else "param"
+        raise UserError(f"--group-by {key}: no run here has the {kind} {key[len('tags.'):] if kind == 'tag' else key!r}."
+                        f"{hint} Use name, a param such as policy.name, or tags.KEY.")
+
+
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp", "svgz")
+
+
+def check_plot_path(path: str) -> None:
+    """``--plot`` must name a file matplotlib can write, in a folder that can be written: checked
+    before the table is printed, so an error never comes after the output."""
+    import os
+    from pathlib import Path
+
+    target = Path(path).expanduser()
+    suffix = target.suffix.lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        raise UserError(f"--plot {path}: unknown image type {('.' + suffix) if suffix else '(no extension)'}; "
+                        f"end the name with one of .{', .'.join(PLOT_FORMATS)}")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"--plot {path}: folder {folder} does not exist. Create it or choose another path.")
+    if target.is_dir():
+        raise UserError(f"--plot {path} is a folder; give a file name such as {target / 'curves.png'}")
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UserError(f"--plot {path}: {target if target.exists() else folder} is not writable. "
+                        f"Choose another path.")
+
+
 def curves_from_record(record: Any, group: str, metric: str = "test_accuracy") -> RunCurves | None:
     """The run's per-epoch curves, or None when it logged no ``metric``."""
     history = record.history
@@ -310,8 +375,14 @@ def curves_from_record(record: Any, group: str, metric: str = "test_accuracy") -
         values = history.get(name) or {}
         return [values.get(e, math.nan) for e in epochs]
 
+    def param(key: str) -> int | None:
+        text = record.params.get(key)
+        return int(text) if text is not None and text.isdigit() else None
+
     return RunCurves(record.name, group, epochs, [score[e] for e in epochs], column("epoch_seconds"),
-                     column("eval_seconds"), column("wall_seconds"), column("batch_size"), column("lr"))
+                     column("eval_seconds"), column("wall_seconds"), column("batch_size"), column("lr"),
+                     column("samples_seen"), noise_scales(column("diversity"), column("diversity_samples")),
+                     param("dbx.train_size"), param("dbx.world_size"))
 
 
 def choose_metric(name: str, records: Sequence[Any]) -> Metric:
@@ -345,6 +416,7 @@ def load_comparison(uri: str, *, experiment: str | None = None, parent: str | No
     chosen = choose_metric(metric, records)
     if target is not None:
         _check_target(target, chosen)
+    check_group_by(records, group_by)
     runs, skipped = [], []
     for record in records:
         if record.status != "FINISHED":
@@ -356,6 +428,11 @@ def load_comparison(uri: str, *, experiment: str | None = None, parent: str | No
             continue
         runs.append(curves)
     comparison = compare(runs, baseline=baseline, target=target, what=what, skipped=skipped, metric=chosen)
+    for run in runs:
+        if run.train_size is not None:
+            sizes = comparison.train_sizes.setdefault(run.group, [])
+            if run.train_size not in sizes:
+                sizes.append(run.train_size)
     comparison.parents = sorted({r.tags["mlflow.parentRunId"] for r in records if "mlflow.parentRunId" in r.tags})
     return comparison
 
@@ -419,6 +496,13 @@ def notes(comparison: Comparison) -> list[str]:
         "first reached per seed; (k/n): only k of the n seeds reached it, 'not reached': none did.",
         f"speedup: {comparison.baseline} seconds / group seconds (n/a unless every seed of both reached).",
     ]
+    sizes = sorted({n for group in comparison.train_sizes.values() for n in group})
+    if len(sizes) == 1:
+        lines.append(f"Every run trained on n = {sizes[0]} samples.")
+    elif sizes:
+        by_group = "; ".join(f"{g}: {', '.join(map(str, ns))}" for g, ns in comparison.train_sizes.items())
+        lines.append(f"Warning: the runs trained on different numbers of samples n ({by_group}), so their "
+                     f"epochs are not the same amount of work.")
     if comparison.skipped:
         lines.append(f"Left out: {', '.join(comparison.skipped)}.")
     return lines
@@ -469,6 +553,8 @@ def to_dict(comparison: Comparison) -> dict[str, Any]:
         entry.pop("curves")
         entry["baseline"] = g.group == comparison.baseline
         groups.append(entry)
+    for entry in groups:
+        entry["train_size"] = comparison.train_sizes.get(entry["group"], [])
     return {"what": comparison.what, "metric": comparison.metric.key, "baseline": comparison.baseline,
             "target": comparison.target,
             "target_source": comparison.target_source, "skipped": comparison.skipped, "groups": groups}
@@ -513,6 +599,8 @@ def save_plot(comparison: Comparison, path: str) -> None:
     fig = figure(comparison)
     try:
         fig.savefig(path, dpi=110)
+    except OSError as exc:  # e.g. the disk filled up since check_plot_path
+        raise UserError(f"--plot {path}: cannot write it ({exc.strerror or exc}).") from None
     finally:
         plt.close(fig)
 

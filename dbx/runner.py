@@ -1,14 +1,17 @@
 """One training run: checked spec -> parts -> MLflow run -> training -> summary (and its resume).
 
 The order matters: everything that can be wrong with the user's input is found before an
-MLflow run is created, so a bad spec leaves no trace in the store.
+MLflow run is created, so a bad spec leaves no trace in the store. Once the run exists, every
+way out (the end, a failure, Ctrl-C or SIGTERM at any point) closes it with a status; only a
+SIGKILL cannot, and ``dbx resume`` (or ``dbx runs --stale``) then deals with the RUNNING run
+its process left behind.
 """
 from __future__ import annotations
 
 import json
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from dbx.checks import describe_plugins
 from dbx.errors import RunFailed, UserError
@@ -32,13 +35,12 @@ def run_one(spec: Any, *, uri: str, experiment: str | None = None, say: Say = pr
     it KILLED and returns exit code 130.
     """
     from dbx import tracking
+    from dbx.store import check_store
     from dbx.train.checkpoint import check_folder
-    from dbx.train.loop import RunState
     from dbx.train.parts import build_parts
 
-    tracking.quiet_mlflow()
     device, label = _device(spec)
-    tracking.check_store(uri)
+    check_store(uri)
     if spec.checkpoint.enabled:  # a folder that cannot be written fails now, not after epoch 1
         check_folder(tracking.checkpoint_base(uri, spec.checkpoint.dir))
     parts = build_parts(spec, device)
@@ -50,48 +52,59 @@ def run_one(spec: Any, *, uri: str, experiment: str | None = None, say: Say = pr
                                     plugins=describe_plugins(spec), parent_run_id=parent_run_id)
     except MlflowException as exc:
         raise UserError(f"MLflow store {uri} refused the run: {exc.message}") from exc
-    say(f"run {run_name} ({tracked.run_id}) on {label}")
-    say(f"tracking: {uri}   browse with: {tracking.ui_command(uri)}")
-    say(f"data: {parts.train_loader.num_samples} training samples; model: {spec.model.name} "
-        f"({sum(p.numel() for p in parts.model.parameters()):,} parameters); policy: {spec.policy.name}")
-    state = RunState(batch_size=parts.policy.initial_batch_size())
-    return _train(spec, parts, tracked, state, say)
+    intro = [f"run {run_name} ({tracked.run_id}) on {label}",
+             f"tracking: {uri}   browse with: {tracking.ui_command(uri)}",
+             f"data: {parts.train_loader.num_samples} training samples; model: {spec.model.name} "
+             f"({sum(p.numel() for p in parts.model.parameters()):,} parameters); policy: {spec.policy.name}"]
+    return _train(spec, parts, tracked, None, say, intro=intro)
 
 
-def resume_run(run_id: str, *, tracking_uri: str | None = None, device: str | None = None,
+def resume_run(run_id: str, *, tracking_uri: str | None = None, device: str | None = None, force: bool = False,
                say: Say = print) -> int:
-    """Continue run ``run_id`` from its newest intact checkpoint, in the same MLflow run."""
+    """Continue run ``run_id`` in the same MLflow run: from its newest intact checkpoint, or from
+    the beginning when it has none (it was killed in its first epoch; its start is fully
+    determined by the resolved spec it logged). A run whose checkpoints hold every epoch (it was
+    killed while closing) gets what the store lacks and is closed FINISHED."""
     from dbx import tracking
-    from dbx.spec import spec_from_dict
+    from dbx.store import check_store
     from dbx.train.checkpoint import check_folder, check_payload, load_latest, remove_stale_temporaries
     from dbx.train.parts import build_parts
 
-    tracking.quiet_mlflow()
     uri = tracking.resolve_tracking_uri(tracking_uri)
+    check_store(uri)
     run = tracking.find_run(uri, run_id)
+    tracking.check_resumable(run, force=force)
     folder = run.data.tags.get("dbx.checkpoint.dir")
     with warnings.catch_warnings(record=True) as skipped:
         warnings.simplefilter("always")
         latest = load_latest(folder) if folder else None
     for warning in skipped:
         say(f"warning: {warning.message}")
+    finished = UserError(f"run {run_id} has finished; there is nothing to resume. Start a new one with dbx run.")
     if latest is None:
-        where = f" in {folder}" if folder else ""
-        raise UserError(f"run {run_id} has no checkpoint{where} to resume from; start it again with dbx run.")
+        if run.info.status == "FINISHED":
+            raise finished
+        return _restart(run, uri=uri, device=device, force=force, say=say)
     path, payload = latest
     data = check_payload(path, payload)["spec"]
     if device:
         data = {**data, "device": device}
+    from dbx.spec import spec_from_dict
+
     spec = spec_from_dict(data, source=f"the spec saved in {path.name}")
     device_, label = _device(spec)
     check_folder(folder, what=f"the checkpoint folder of run {run_id}")
     parts = build_parts(spec, device_)
     state, drift = _restore(spec, parts, path, payload)
-    if state.epoch >= spec.epochs:
-        raise UserError(f"run {run_id} already completed all {spec.epochs} epochs; nothing to resume.")
+    if state.epoch >= spec.epochs and run.info.status == "FINISHED":
+        raise finished
     for stale in remove_stale_temporaries(folder):
         say(f"removed {stale.name}, left by a checkpoint write that never finished")
-    tracked = tracking.reopen_run(uri, run_id, state.history)
+    tracked = tracking.reopen_run(uri, run_id, state.history, force=force)
+    if state.epoch >= spec.epochs:
+        say(f"run {run.info.run_name} ({run_id}) had trained all {spec.epochs} epochs when it stopped; "
+            f"logging what the store lacked and closing it")
+        return _close_finished(spec, tracked, state, say).exit_code
     say(f"resuming run {run.info.run_name} ({run_id}) after epoch {state.epoch}, from {path}, on {label}")
     for message in drift:
         say(f"WARNING: {message}")
@@ -122,6 +135,29 @@ def _restore(spec: Any, parts: Any, path: Any, payload: dict[str, Any]) -> tuple
     return state, drift
 
 
+def _restart(run: Any, *, uri: str, device: str | None, force: bool, say: Say) -> int:
+    """Train a run that left no checkpoint again from its first epoch, under its own run id."""
+    from dbx import tracking
+    from dbx.spec import parse_spec
+    from dbx.train.parts import build_parts
+
+    run_id = run.info.run_id
+    text = tracking.logged_spec(uri, run_id)
+    if text is None:
+        raise UserError(f"run {run_id} has no checkpoint, and no spec: it was stopped while it was being "
+                        f"set up, before anything was trained. Start it again with dbx run.")
+    spec = parse_spec(text, source=f"the resolved spec of run {run_id}",
+                      overrides=[f"device={device}"] if device else [])
+    device_, label = _device(spec)
+    parts = build_parts(spec, device_)
+    tracked = tracking.reopen_run(uri, run_id, [], force=force)
+    logged = sorted(tracked.already_logged)
+    kept = f"; the metrics it logged for epochs {logged[0]}-{logged[-1]} are kept" if logged else ""
+    say(f"run {run.info.run_name} ({run_id}) has no checkpoint: training it again from the beginning, in the "
+        f"same run, from the resolved spec it logged, on {label}{kept}")
+    return _train(spec, parts, tracked, None, say).exit_code
+
+
 def _device(spec: Any) -> tuple[Any, str]:
     import torch
 
@@ -131,58 +167,124 @@ def _device(spec: Any) -> tuple[Any, str]:
     return device, f"{device.type} ({device_name(device)}), torch {torch.__version__}"
 
 
-def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say) -> RunResult:
-    """Run the loop with end-of-epoch checkpoints; close the MLflow run with the right status."""
-    from dbx import tracking
-    from dbx.train import throughput
-    from dbx.train.checkpoint import save_checkpoint, snapshot
+def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say, *, intro: Sequence[str] = ()) -> RunResult:
+    """Run the loop with end-of-epoch checkpoints; close the MLflow run with the right status,
+    whatever happens from the moment it exists."""
+    from dbx import faults, stopping, tracking
     from dbx.train.drift import RecordedPolicy
-    from dbx.train.loop import fit
+    from dbx.train.loop import RunState, fit
 
-    on_epoch_end = None
-    if spec.checkpoint.enabled:
-        folder = tracking.checkpoint_folder(tracked.uri, spec.checkpoint.dir, tracked.run_id)
-        tracked.set_tags({"dbx.checkpoint.dir": str(folder)})
-        parts.policy = RecordedPolicy(parts.policy, spec.policy.name)  # its last decision goes in the checkpoint
-
-        def on_epoch_end(current: Any) -> None:
-            try:
-                save_checkpoint(folder, current.epoch, snapshot(spec, parts, current), spec.checkpoint.keep_last)
-            except OSError as exc:
-                earlier = f"dbx resume {tracked.run_id} continues after epoch {current.epoch - 1}" \
-                    if current.epoch > 1 else "no earlier checkpoint exists"
-                raise RunFailed(f"could not write the checkpoint of epoch {current.epoch} to {folder}: "
-                                f"{exc.strerror or exc}. Free space there or set checkpoint.dir elsewhere; "
-                                f"{earlier}", reason="checkpoint_failed", epoch=current.epoch) from exc
-            except TypeError as exc:  # a plugin's state_dict() that a checkpoint cannot hold
-                raise RunFailed(f"could not checkpoint epoch {current.epoch}: {exc}", reason="checkpoint_failed",
-                                epoch=current.epoch) from exc
-
-    def finish(status: str, **details: Any) -> None:
-        """Close the run, with the throughput of each batch size it trained at (throughput.json)."""
-        try:
-            if state.throughput:
-                tracked.log_text(json.dumps(throughput.as_records(state.throughput), indent=2), "throughput.json")
-        finally:
-            tracked.finish(status, history=state.history, step=state.epoch, **details)
-
+    fresh = state is None
+    state = state or RunState(batch_size=parts.policy.initial_batch_size())
+    folder = None
     resume_hint = f"resume with: dbx resume {tracked.run_id} --tracking-uri {tracked.uri}"
+
+    def on_epoch_end(current: Any) -> None:
+        if folder is not None:
+            _save_checkpoint(folder, spec, parts, current, tracked.run_id)
+        faults.hold(f"checkpoint:{current.epoch}")
+        stopping.raise_if_stopped()  # a stop signal whose KeyboardInterrupt a finalizer swallowed
+
     try:
+        for line in intro:
+            say(line)
+        if fresh:
+            tracked.log_params(derived_params(parts))
+        if spec.checkpoint.enabled:
+            folder = tracking.checkpoint_folder(tracked.uri, spec.checkpoint.dir, tracked.run_id)
+            tracked.set_tags({"dbx.checkpoint.dir": str(folder)})
+            parts.policy = RecordedPolicy(parts.policy, spec.policy.name)  # its last decision goes in the checkpoint
+        faults.hold("run-open")
         summary = fit(spec, parts, tracked, say=say, state=state, on_epoch_end=on_epoch_end)
+        faults.hold("before-close")
     except KeyboardInterrupt:
-        finish("KILLED", failure={"reason": "interrupted", "epoch": state.epoch + 1})
-        say(f"interrupted in epoch {state.epoch + 1}; run {tracked.run_id} marked KILLED. "
-            + (resume_hint if on_epoch_end else ""))
+        stopping.handled()
+        with stopping.closing():
+            _close(tracked, state, "KILLED", say, step=state.epoch,
+                   failure={"reason": "interrupted", "epoch": state.epoch + 1})
+            say(f"interrupted in epoch {state.epoch + 1}; run {tracked.run_id} marked KILLED. "
+                + (resume_hint if folder is not None else ""))
         return RunResult(130, tracked.run_id)
     except RunFailed as exc:
-        finish("FAILED", failure={"reason": exc.reason, "message": str(exc), "epoch": exc.epoch, "step": exc.step})
+        with stopping.closing():
+            _close(tracked, state, "FAILED", say, history=state.history, step=state.epoch,
+                   failure={"reason": exc.reason, "message": str(exc), "epoch": exc.epoch, "step": exc.step})
         raise
     except Exception as exc:
-        finish("FAILED", failure={"reason": "exception", "message": f"{type(exc).__name__}: {exc}",
-                                  "epoch": state.epoch + 1})
-        raise RunFailed(f"{type(exc).__name__}: {exc}", reason="exception", epoch=state.epoch + 1) from exc
-    finish("FINISHED", summary=summary.to_dict())
+        failure = _blame(exc, spec, parts)
+        with stopping.closing():
+            _close(tracked, state, "FAILED", say, history=state.history, step=state.epoch,
+                   failure={**failure, "epoch": state.epoch + 1})
+        raise RunFailed(failure["message"], reason=failure["reason"], epoch=state.epoch + 1) from exc
+    return _close_finished(spec, tracked, state, say, summary)
+
+
+def _close_finished(spec: Any, tracked: Any, state: Any, say: Say, summary: Any = None) -> RunResult:
+    """Log the summary (what the store does not have yet) and close the run FINISHED."""
+    from dbx import stopping, tracking
+    from dbx.train.loop import summarize
+
+    summary = summary or summarize(spec, state)
+    with stopping.closing():  # the work is done: a signal now must not leave the run half closed
+        _log_throughput(tracked, state)
+        tracked.finish("FINISHED", summary=summary.to_dict(), history=state.history, step=state.epoch)
     say("summary: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                   for k, v in summary.to_dict().items()}))
     say(f"done. browse with: {tracking.ui_command(tracked.uri)}")
     return RunResult(0, tracked.run_id, summary.to_dict())
+
+
+def _close(tracked: Any, state: Any, status: str, say: Say, **details: Any) -> None:
+    """Close the run with ``status``; if the store itself fails (a full disk), say so, and leave the
+    run for ``dbx runs --stale`` to mark once the store works again."""
+    try:
+        _log_throughput(tracked, state)
+        tracked.finish(status, **details)
+    except Exception as exc:  # noqa: BLE001 - the reason the run is closing matters more
+        say(f"warning: could not mark run {tracked.run_id} {status} in {tracked.uri} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); once the store works again, "
+            f"`dbx runs --stale` marks it")
+
+
+def _log_throughput(tracked: Any, state: Any) -> None:
+    """``throughput.json``: samples per second of each batch size the run trained at (goodput's inputs)."""
+    from dbx.train import throughput
+
+    if state.throughput:
+        tracked.log_text(json.dumps(throughput.as_records(state.throughput), indent=2), "throughput.json")
+
+
+def derived_params(parts: Any) -> dict[str, Any]:
+    """What a run's numbers depend on beyond its spec, so a policy's decisions can be replayed from
+    the store alone: the training-set size n (DiveBatch's ``delta * n * diversity``), the test-set
+    size, the number of processes that share each batch, and the model's size."""
+    return {"dbx.train_size": parts.train_loader.num_samples, "dbx.test_size": parts.test_loader.num_samples,
+            "dbx.world_size": 1, "dbx.model_parameters": sum(p.numel() for p in parts.model.parameters())}
+
+
+def _save_checkpoint(folder: Any, spec: Any, parts: Any, state: Any, run_id: str) -> None:
+    from dbx.train.checkpoint import save_checkpoint, snapshot
+
+    try:
+        save_checkpoint(folder, state.epoch, snapshot(spec, parts, state), spec.checkpoint.keep_last)
+    except OSError as exc:
+        earlier = f"dbx resume {run_id} continues after epoch {state.epoch - 1}" \
+            if state.epoch > 1 else "no earlier checkpoint exists"
+        raise RunFailed(f"could not write the checkpoint of epoch {state.epoch} to {folder}: "
+                        f"{exc.strerror or exc}. Free space there or set checkpoint.dir elsewhere; "
+                        f"{earlier}", reason="checkpoint_failed", epoch=state.epoch) from exc
+    except TypeError as exc:  # a plugin's state_dict() that a checkpoint cannot hold
+        raise RunFailed(f"could not checkpoint epoch {state.epoch}: {exc}", reason="checkpoint_failed",
+                        epoch=state.epoch) from exc
+
+
+def _blame(exc: BaseException, spec: Any, parts: Any) -> dict[str, str]:
+    """The failure tags of an unexpected exception, naming the plugin that raised it, if one did."""
+    from dbx.blame import plugin_call
+
+    culprit = plugin_call(exc, spec, parts)
+    text = f"{type(exc).__name__}: {exc}"
+    if culprit is None:
+        return {"reason": "exception", "message": text}
+    return {"reason": "exception", "message": f"{culprit.describe()}: {text}", "plugin": culprit.plugin,
+            "call": culprit.call}

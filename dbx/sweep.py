@@ -34,39 +34,43 @@ class PointOutcome:
 def run_sweep(spec: Any, *, uri: str, experiment: str | None = None, say: Say = print) -> int:
     """Train each point of ``spec.sweep`` as a nested run; return 0, or 1 if any point failed
     (130 when interrupted: the remaining points are not started)."""
-    from dbx import tracking
+    from dbx import stopping, tracking
     from dbx.spec import expand_sweep
+    from dbx.store import check_store
 
     points = expand_sweep(spec)  # a wrong grid is a SpecError (exit 2) before anything starts
     names = point_names(spec)
-    tracking.quiet_mlflow()
-    tracking.check_store(uri)
+    check_store(uri)
     labels = dict(zip(names, (label for label, _ in points), strict=True))
     parent = tracking.open_sweep_run(spec, uri=uri, experiment=experiment, points=labels)
     say(f"sweep {spec.name} ({parent.run_id}): {len(points)} runs, one after the other")
     outcomes: list[PointOutcome] = []
     try:
         for index, ((label, point), name) in enumerate(zip(points, names, strict=True), 1):
+            stopping.raise_if_stopped()
             say(f"\n[{index}/{len(points)}] {name}  ({label})")
             outcomes.append(_run_point(point, name, label, uri=uri, experiment=experiment,
                                        parent_run_id=parent.run_id, say=say))
             if outcomes[-1].status == "KILLED":
                 break
     except KeyboardInterrupt:  # between two points
+        stopping.handled()
         outcomes.append(PointOutcome("(between runs)", "", "KILLED"))
     except BaseException:  # a bug in dbx itself: the parent must not stay RUNNING
-        parent.finish("FAILED", failure={"reason": "exception", "message": "the sweep itself crashed"})
+        with stopping.closing():
+            parent.finish("FAILED", failure={"reason": "exception", "message": "the sweep itself crashed"})
         raise
 
     interrupted = any(o.status == "KILLED" for o in outcomes)
     failed = [o for o in outcomes if o.status == "FAILED"]
     say("\n" + sweep_summary(outcomes, len(points)))
-    parent.log_text(json.dumps([o.__dict__ for o in outcomes], indent=2), "sweep/points.json")
-    if any(o.status == "FINISHED" for o in outcomes) and not interrupted:
-        _compare_into(parent, uri, say)
-    status = "KILLED" if interrupted else ("FAILED" if failed else "FINISHED")
-    parent.finish(status, failure={"reason": "points_failed", "message": f"{len(failed)} of {len(points)} runs failed"}
-                  if failed else None)
+    with stopping.closing():
+        parent.log_text(json.dumps([o.__dict__ for o in outcomes], indent=2), "sweep/points.json")
+        if any(o.status == "FINISHED" for o in outcomes) and not interrupted:
+            _compare_into(parent, uri, say)
+        status = "KILLED" if interrupted else ("FAILED" if failed else "FINISHED")
+        parent.finish(status, failure={"reason": "points_failed",
+                                       "message": f"{len(failed)} of {len(points)} runs failed"} if failed else None)
     say(f"browse with: dbx ui --tracking-uri {uri}   compare with: dbx compare --parent {parent.run_id} "
         f"--tracking-uri {uri}")
     if interrupted:

@@ -7,6 +7,7 @@ several runs can be driven from one process, e.g. a sweep or the tests.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,9 +16,11 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from dbx.errors import UserError
+from dbx.liveness import process_tags
+from dbx.store import check_store  # noqa: F401 - the store's checks, where callers found them before
 
 DEFAULT_DB = "mlflow.db"  # MLflow's own default store name: a plain `mlflow ui` in the same folder shows it
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # makes the MLflow 3 UI open on the training-runs view
@@ -25,9 +28,24 @@ MAX_BATCH = 1000
 MAX_PARAMS = 100
 
 
-def quiet_mlflow() -> None:
-    """MLflow's INFO lines (table creation, system-metrics thread) drown the epoch lines."""
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
+_USER_MLFLOW_LEVEL = os.environ.get("MLFLOW_LOGGING_LEVEL")  # as exported, before dbx sets it
+
+
+def quiet_mlflow(debug: bool = False) -> None:
+    """MLflow's INFO lines (database creation and migration, the system-metrics thread) drown the
+    epoch lines: they show with ``--debug`` only (or when ``$MLFLOW_LOGGING_LEVEL`` asks for them).
+
+    MLflow sets its loggers' levels when it is imported, from ``$MLFLOW_LOGGING_LEVEL``, so the
+    variable is set for an import still to come (and for the ``dbx ui`` server), and the loggers
+    themselves for an import that already happened.
+    """
+    level = "INFO" if debug else (_USER_MLFLOW_LEVEL or "WARNING")
+    os.environ["MLFLOW_LOGGING_LEVEL"] = level
+    logging.getLogger("mlflow").setLevel(level.upper())
+    logging.getLogger("alembic").setLevel("INFO" if debug else "WARNING")
+    logging.getLogger("sqlalchemy").setLevel("WARNING")  # every SQL statement at INFO: never wanted
+    # a failing store is reported by dbx in a line or two; MLflow would add the SQL and a traceback
+    logging.getLogger("mlflow.store.db.utils").setLevel("INFO" if debug else "CRITICAL")
 
 
 def resolve_tracking_uri(cli_uri: str | None = None, spec_uri: str | None = None) -> str:
@@ -50,32 +68,10 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
-def check_store(uri: str) -> None:
-    """Fail early, before any training, when the store cannot be reached or written."""
-    if uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
-        if not folder.is_dir():
-            raise UserError(f"tracking store {uri}: folder {folder} does not exist. Create it or choose "
-                            f"another --tracking-uri.")
-        if not os.access(folder, os.W_OK):
-            raise UserError(f"tracking store {uri}: folder {folder} is not writable. Choose another --tracking-uri.")
-    elif "://" not in uri and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
-        raise UserError(f"tracking store {uri} is a folder; MLflow 3 no longer writes folder stores. "
-                        f"Use a database file instead, e.g. --tracking-uri sqlite:///{uri.rstrip('/')}/mlflow.db")
-    elif uri.startswith(("http://", "https://")):
-        import urllib.request
-
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5)  # noqa: S310 - user's own server
-        except Exception as exc:  # noqa: BLE001 - any failure means unreachable
-            raise UserError(f"tracking server {uri} cannot be reached ({exc}). Start it, fix --tracking-uri, "
-                            f"or unset MLFLOW_TRACKING_URI to use the local ./mlflow.db.") from exc
-
-
 def _client(uri: str) -> Any:
-    from mlflow import MlflowClient
+    from dbx.store import client
 
-    return MlflowClient(tracking_uri=uri)
+    return client(uri)
 
 
 def _artifact_root(uri: str) -> str | None:
@@ -88,7 +84,25 @@ def _artifact_root(uri: str) -> str | None:
 
 
 def ensure_experiment(client: Any, uri: str, name: str) -> str:
-    """The experiment's id, creating it (tagged for the training-runs view) when new."""
+    """The experiment's id, creating it (tagged for the training-runs view) when new.
+
+    Under the store's lock, so that parallel first runs do not both create it; a server store has
+    no such lock, and there the loser of the race finds the winner's experiment.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from dbx.store import store_lock
+
+    with store_lock(uri):
+        try:
+            return _get_or_create_experiment(client, uri, name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return _get_or_create_experiment(client, uri, name)
+
+
+def _get_or_create_experiment(client: Any, uri: str, name: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
         if found.lifecycle_stage == "deleted":
@@ -115,6 +129,7 @@ def environment_tags(device_label: str, plugins: dict[str, str]) -> dict[str, st
         "python.version": platform.python_version(),
         "device": device_label,
         "host": platform.node(),
+        **process_tags(),
     }
     for key, value in plugins.items():
         tags[f"dbx.plugin.{key}"] = value
@@ -143,6 +158,7 @@ class TrackedRun:
     _monitor: Any = None
     _pending: list[Any] = field(default_factory=list)
     already_logged: set[int] = field(default_factory=set)  # epochs a resumed run must not log twice
+    summary_logged: set[str] = field(default_factory=set)  # summary values a resumed run has already
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         if epoch in self.already_logged:
@@ -161,6 +177,13 @@ class TrackedRun:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), MAX_PARAMS):
+            self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS])
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
@@ -177,7 +200,8 @@ class TrackedRun:
                 from mlflow.entities import Metric
 
                 now = int(time.time() * 1000)
-                numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None}
+                numbers = {k: v for k, v in summary.items()
+                           if isinstance(v, (int, float)) and v is not None and k not in self.summary_logged}
                 self._pending = [Metric(k, float(v), now, step) for k, v in numbers.items()]
                 self.flush()
                 self.log_text(json.dumps(summary, indent=2), "summary.json")
@@ -213,10 +237,25 @@ def open_run(spec: Any, *, uri: str, experiment: str | None, run_name: str, devi
         tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, tags=tags, run_name=run_name)
     tracked = TrackedRun(client, run.info.run_id, experiment_id, uri)
-    _log_spec(tracked, spec)
-    if spec.tracking.system_metrics:
-        tracked._monitor = _start_system_metrics(run.info.run_id, uri)
+    with _closed_if_interrupted(tracked):
+        _log_spec(tracked, spec)
+        if spec.tracking.system_metrics:
+            tracked._monitor = _start_system_metrics(run.info.run_id, uri)
     return tracked
+
+
+@contextlib.contextmanager
+def _closed_if_interrupted(tracked: TrackedRun) -> Iterator[None]:
+    """A run being set up when Ctrl-C, SIGTERM or an error comes must not stay RUNNING."""
+    try:
+        yield
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        with contextlib.suppress(Exception):
+            tracked.set_tags({"dbx.failure.reason": "interrupted" if status == "KILLED" else "exception",
+                              "dbx.failure.message": f"stopped while the run was being set up: {exc!r}"})
+            tracked.client.set_terminated(tracked.run_id, status=status)
+        raise
 
 
 def _log_spec(tracked: TrackedRun, spec: Any) -> None:
@@ -264,25 +303,173 @@ def find_run(uri: str, run_id: str) -> Any:
                         f"or pass the right store with --tracking-uri.") from None
 
 
-def reopen_run(uri: str, run_id: str, history: list[dict[str, float]]) -> TrackedRun:
-    """Continue logging into an existing run: status RUNNING again, and the epochs it is missing.
+def check_resumable(run: Any, *, force: bool = False) -> None:
+    """A run may be continued unless its process may still be driving it (whether a FINISHED run
+    has anything left to train, its checkpoints say)."""
+    from dbx import liveness
 
+    run_id, status, tags = run.info.run_id, run.info.status, run.data.tags
+    if status != "RUNNING":
+        return
+    state = liveness.process_state(tags)
+    if state == liveness.ALIVE:
+        raise UserError(f"run {run_id} is still running ({liveness.describe(tags)}); stop that process "
+                        f"first (kill {tags[liveness.PID_TAG]}: it is then marked KILLED) and resume it after.")
+    if state == liveness.ELSEWHERE and not force:
+        raise UserError(f"run {run_id} is RUNNING on another machine ({liveness.describe(tags)}), which dbx "
+                        f"cannot check from here. If that process is gone, resume with --force.")
+
+
+def reopen_run(uri: str, run_id: str, history: list[dict[str, float]], *, force: bool = False) -> TrackedRun:
+    """Continue logging into an existing run: status RUNNING again, driven by this process, and
+    the epochs it is missing.
+
+    The run is checked again and claimed under the store's lock, so two ``dbx resume``s of one
+    run cannot both continue it. Its old failure tags go (the reason stays in ``dbx.resume.N``).
     A run killed between its checkpoint and its metrics has epochs in ``history`` that the store
     lacks; they are logged now, so every epoch appears exactly once.
     """
+    from dbx.store import store_lock
+
     client = _client(uri)
-    run = client.get_run(run_id)
-    client.update_run(run_id, status="RUNNING")
+    with store_lock(uri):
+        run = client.get_run(run_id)
+        check_resumable(run, force=force)
+        client.update_run(run_id, status="RUNNING")
+    tags = run.data.tags
     tracked = TrackedRun(client, run_id, run.info.experiment_id, uri)
+    resumes = int(tags.get("dbx.resumes", "0")) + 1
+    tracked.set_tags({**process_tags(), "dbx.resumes": resumes,
+                      f"dbx.resume.{resumes}": f"was {run.info.status}: {tags.get('dbx.failure.reason', '-')}"})
+    for key in [k for k in tags if k.startswith("dbx.failure.")]:
+        client.delete_tag(run_id, key)
     logged = {m.step for m in client.get_metric_history(run_id, "epoch_seconds")}
     for entry in history:
         if int(entry["epoch"]) not in logged:
             tracked.log_epoch(int(entry["epoch"]), {k: v for k, v in entry.items() if k != "epoch"})
     tracked.already_logged = logged
+    tracked.summary_logged = set(run.data.metrics)
     system_metrics = run.data.params.get("tracking.system_metrics", "False").lower() == "true"
     if system_metrics:
         tracked._monitor = _start_system_metrics(run_id, uri)
     return tracked
+
+
+def logged_spec(uri: str, run_id: str) -> str | None:
+    """The resolved spec a run logged when it started (``spec/resolved.yaml``), None if it has none."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = _client(uri).download_artifacts(run_id, "spec/resolved.yaml", folder)
+        except (MlflowException, OSError):
+            return None
+        return Path(path).read_text()
+
+
+@dataclass
+class StaleRun:
+    run_id: str
+    name: str
+    experiment: str
+    process: str  # e.g. "pid 4242 on host gpu3"
+
+
+def find_stale(uri: str) -> list[StaleRun]:
+    """Every RUNNING run in the store whose process, on this machine, is gone (``dbx.liveness``).
+    A sqlite store that does not exist has none, and is not created."""
+    from dbx import liveness
+    from dbx.store import sqlite_path
+
+    database = sqlite_path(uri)
+    if database is not None and not database.exists():
+        return []
+    client = _client(uri)
+    experiments = {e.experiment_id: e.name for e in client.search_experiments()}
+    if not experiments:
+        return []
+    running = client.search_runs(list(experiments), "attributes.status = 'RUNNING'", max_results=5000)
+    return [StaleRun(r.info.run_id, r.info.run_name or r.info.run_id, experiments[r.info.experiment_id],
+                     liveness.describe(r.data.tags))
+            for r in running if liveness.process_state(r.data.tags) == liveness.GONE]
+
+
+def mark_stale(uri: str, *, say: Any = None) -> list[StaleRun]:
+    """Mark each stale run KILLED, with ``dbx.failure.reason = process_gone`` and a message saying
+    what happened; return them. Checked again, run by run, under the store's lock."""
+    from dbx import liveness
+    from dbx.store import store_lock
+
+    stale = find_stale(uri)
+    if not stale:
+        return []
+    client = _client(uri)
+    marked = []
+    for found in stale:
+        with store_lock(uri):
+            run = client.get_run(found.run_id)
+            if run.info.status != "RUNNING" or liveness.process_state(run.data.tags) != liveness.GONE:
+                continue  # resumed or closed meanwhile
+            message = liveness.gone_message(found.process)
+            from mlflow.entities import RunTag
+
+            client.log_batch(found.run_id, tags=[RunTag("dbx.failure.reason", "process_gone"),
+                                                 RunTag("dbx.failure.message", message)])
+            client.set_terminated(found.run_id, status="KILLED")
+        marked.append(found)
+        if say is not None:
+            say(f"marked run {found.name} ({found.run_id}) KILLED: {message}. "
+                f"Continue it with: dbx resume {found.run_id} --tracking-uri {uri}")
+    return marked
+
+
+def mark_stale_if_writable(uri: str, *, say: Any) -> None:
+    """``mark_stale`` for a command whose own work does not need it (``dbx ui``): a read-only store
+    or a failing server is not a reason to refuse; it is said, and the command goes on."""
+    from dbx.store import sqlite_path
+
+    database = sqlite_path(uri)
+    if database is not None and not (os.access(database, os.W_OK) and os.access(database.parent, os.W_OK)):
+        return
+    try:
+        mark_stale(uri, say=say)
+    except Exception as exc:  # noqa: BLE001 - an extra, never the command's reason to fail
+        say(f"note: could not check {uri} for runs whose process is gone ({type(exc).__name__})")
+
+
+def describe_runs(uri: str, *, experiment: str | None = None, limit: int = 20) -> list[str]:
+    """``dbx runs``: the newest runs, one line each, with the state of a RUNNING run's process."""
+    from dbx import liveness
+
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise UserError(f"there is no MLflow store at {uri}. Run `dbx run SPEC` first, or pass the store "
+                        f"with --tracking-uri.")
+    check_store(uri, writing=False)
+    client = _client(uri)
+    experiments = {e.experiment_id: e.name for e in client.search_experiments()}
+    if experiment is not None:
+        chosen = {i: n for i, n in experiments.items() if n == experiment}
+        if not chosen:
+            raise UserError(f"no experiment {experiment!r} in {uri} (experiments there: "
+                            f"{', '.join(sorted(experiments.values())) or 'none'}).")
+        experiments = chosen
+    found = client.search_runs(list(experiments), order_by=["attributes.start_time DESC"],
+                               max_results=limit) if experiments else []
+    notes = {liveness.ALIVE: "process alive", liveness.GONE: "process gone: dbx runs --stale marks it",
+             liveness.ELSEWHERE: "on another machine", liveness.UNKNOWN: "process not recorded"}
+    lines = [f"{'status':<9} {'run id':<32}  {'experiment':<16} {'started':<16}  name"]
+    for run in found:
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.start_time / 1000))
+        line = (f"{run.info.status:<9} {run.info.run_id:<32}  {experiments[run.info.experiment_id][:16]:<16} "
+                f"{started:<16}  {run.info.run_name or ''}")
+        if run.info.status == "RUNNING":
+            line += f"  ({liveness.describe(run.data.tags)}, {notes[liveness.process_state(run.data.tags)]})"
+        lines.append(line)
+    if not found:
+        lines.append("(no runs)")
+    return lines
 
 
 def _start_system_metrics(run_id: str, uri: str) -> Any:
@@ -312,14 +499,15 @@ def open_sweep_run(spec: Any, *, uri: str, experiment: str | None, points: dict[
     client = _client(uri)
     experiment_id = ensure_experiment(client, uri, experiment or spec.tracking.experiment or spec.name)
     tags = {SWEEP_TAG: "true", "dbx.spec.name": spec.name, "dbx.version": dbx.__version__,
-            "dbx.sweep.points": str(len(points))}
+            "dbx.sweep.points": str(len(points)), **process_tags()}
     commit = _git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
     run = client.create_run(experiment_id, tags=tags, run_name=spec.name)
     tracked = TrackedRun(client, run.info.run_id, experiment_id, uri)
-    _log_spec(tracked, spec)
-    tracked.log_text("".join(f"{name}  {label}\n" for name, label in points.items()), "sweep/points.txt")
+    with _closed_if_interrupted(tracked):
+        _log_spec(tracked, spec)
+        tracked.log_text("".join(f"{name}  {label}\n" for name, label in points.items()), "sweep/points.txt")
     return tracked
 
 
@@ -355,7 +543,8 @@ class RunRecord:
 
 
 COMPARED_METRICS = ("test_accuracy", "test_perplexity", "test_loss", "epoch_seconds", "eval_seconds",
-                    "train_seconds", "wall_seconds", "batch_size", "lr")
+                    "train_seconds", "wall_seconds", "batch_size", "lr", "samples_seen", "diversity",
+                    "diversity_samples")
 
 
 def runs_to_compare(uri: str, *, experiment: str | None = None, parent: str | None = None) -> tuple[str, list[RunRecord]]:
@@ -363,9 +552,11 @@ def runs_to_compare(uri: str, *, experiment: str | None = None, parent: str | No
     the store, oldest first, with their per-epoch metrics. Returns a description of the selection
     too. Sweep parents themselves are left out. A store, experiment or run that is not there is a
     UserError."""
+
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         raise UserError(f"there is no MLflow store at {uri}. Run `dbx run SPEC` first, or pass the store "
                         f"with --tracking-uri.")
+    check_store(uri, writing=False)
     from mlflow.exceptions import MlflowException
 
     client = _client(uri)

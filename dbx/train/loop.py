@@ -141,6 +141,10 @@ def fit(spec: Any, parts: Parts, tracker: Tracker, *, say: Callable[[str], None]
         if diversity is not None:
             metrics["diversity"] = diversity.value
             metrics["estimator_seconds"] = diversity.seconds
+            metrics["diversity_samples"] = float(diversity.samples)  # the policy's inputs, for a replay
+            if diversity.sum_sq_norms is not None and diversity.sq_norm_of_sum is not None:
+                metrics["sum_sq_norms"] = diversity.sum_sq_norms
+                metrics["sq_norm_of_sum"] = diversity.sq_norm_of_sum
             metrics.update({f"diversity/{layer}": v for layer, v in diversity.per_layer.items()})
 
         # --- the batch-size decision: the one place where B and the lr rescale change -------
