@@ -229,7 +229,7 @@ def _close_finished(spec: Any, tracked: Any, state: Any, say: Say, summary: Any 
         _log_throughput(tracked, state)
         tracked.finish("FINISHED", summary=summary.to_dict(), history=state.history, step=state.epoch)
     say("summary: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                  for k, v in summary.to_dict().items()}))
+                                  for k, v in summary.to_dict().items() if v is not None}))
     say(f"done. browse with: {tracking.ui_command(tracked.uri)}")
     return RunResult(0, tracked.run_id, summary.to_dict())
 

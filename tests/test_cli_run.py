@@ -60,6 +60,8 @@ def test_run_records_a_finished_run_with_every_number(workdir):
     assert result.exit_code == 0, result.output
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     assert f"mlflow ui --backend-store-uri {uri}" in result.output
+    [summary_line] = [line for line in result.output.splitlines() if line.startswith("summary: ")]
+    assert "final_test_accuracy" in summary_line and "perplexity" not in summary_line  # no nulls for other tasks
 
     client, runs = runs_in(uri)
     assert len(runs) == 1

@@ -1,5 +1,5 @@
-"""experiments/lm: the seven methods of the paper's comparison for a small GPT with AdamW, at CPU and at
-GPU scale: every spec validates, the methods differ only where they should, and a CPU spec trains."""
+"""experiments/lm: the seven methods of the paper's comparison and goodput for a small GPT with AdamW, at
+CPU and at GPU scale: every spec validates, the methods differ only where they should, and a CPU spec trains."""
 import math
 from pathlib import Path
 
@@ -17,7 +17,7 @@ METHODS = ("fixed_small", "fixed_large", "fixed_large_scaled", "adabatch", "adab
 @pytest.mark.parametrize("scale", ["cpu", "gpu"])
 def test_every_method_validates_and_differs_only_in_batch_policy_and_lr_rule(scale):
     specs = {m: check_spec_file(str(LM / scale / f"{m}.yaml")) for m in METHODS}
-    assert {p.stem for p in (LM / scale).glob("*.yaml")} == set(METHODS)
+    assert {p.stem for p in (LM / scale).glob("*.yaml")} == set(METHODS) | {"goodput"}
     small = specs["fixed_small"]
     b0 = small.policy.params["batch_size"]
     b_max = specs["fixed_large"].policy.params["batch_size"]
@@ -29,6 +29,10 @@ def test_every_method_validates_and_differs_only_in_batch_policy_and_lr_rule(sca
         expected_lr = small.optimizer.base_lr * (math.sqrt(b_max / b0) if method == "fixed_large_scaled" else 1)
         assert spec.optimizer.base_lr == pytest.approx(expected_lr), method
         assert spec.tracking.experiment == f"lm-{scale}" and spec.sweep == {"seed": [0, 1, 2]}, method
+    goodput = check_spec_file(str(LM / scale / "goodput.yaml"))
+    assert goodput.model == small.model and goodput.data == small.data and goodput.optimizer == small.optimizer
+    assert goodput.policy.params["initial"] == b0 and goodput.policy.params["max"] == b_max
+    assert goodput.estimator.name == "subsampled"  # the noise scale at one point (README, "Goodput")
     for method in ("adabatch", "divebatch"):
         assert specs[method].policy.params["initial"] == b0 and specs[method].policy.params["max"] == b_max
         assert specs[f"{method}_rescale"].policy == specs[method].policy
