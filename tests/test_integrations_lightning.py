@@ -131,3 +131,17 @@ def test_a_plugin_policy_named_as_in_a_spec_drives_the_batch_size(tmp_path, site
     assert [max(model.batches[epoch]) for epoch in (1, 2, 3)] == [32, 16, 8]
     assert model.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 / 8)
     assert all("diversity" not in row for row in callback.history)  # the policy never asked to measure
+
+
+def test_the_callback_times_each_epochs_training_steps_for_the_throughput_table(tmp_path):
+    """goodput decides from samples/s per batch size: the callback reports the training steps' time
+    (validation excluded), so the table fills under Lightning as it does under `dbx run`."""
+    model = Classifier()
+    callback = DiversityCallback("adabatch", {"initial": 8, "every": 1, "max": 64})
+    trainer(tmp_path, callback).fit(model)
+
+    table = callback.adaptive.throughput
+    assert sorted(table) == [8, 16, 32]  # one entry per batch size trained, epochs 1-3
+    for batch, (samples, seconds, epochs, best) in table.items():
+        assert samples == 240 and epochs == 1 and seconds > 0 and best == pytest.approx(samples / seconds)
+    assert {int(row[0]): row[1:] for row in callback.adaptive.state_dict()["throughput"]} == table  # and it is in Lightning's checkpoints

@@ -27,6 +27,7 @@ Automatic optimization, one optimizer; one device (multi-device: not yet).
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Sequence
 
 from dbx.integrations import require
@@ -76,6 +77,7 @@ class DiversityCallback(pl.Callback):
         self.meter: DiversityMeter | None = None
         self.history: list[dict[str, float]] = []
         self._restored: dict[str, Any] | None = None
+        self._epoch_started = self._last_step_ended = math.nan
 
     # -- set-up -------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -106,6 +108,7 @@ class DiversityCallback(pl.Callback):
     # -- each epoch ---------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
+        self._epoch_started = self._last_step_ended = time.perf_counter()
         if self.adaptive is not None:
             used = _loader_batch_size(trainer.train_dataloader)
             if used is not None and used != self.adaptive.batch_size:
@@ -126,6 +129,10 @@ class DiversityCallback(pl.Callback):
         if self.meter.pending_backwards:  # a training_step that returned None ran no backward
             self.meter.step()
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # Lightning validates before on_train_epoch_end: the last step's end bounds the training time
+        self._last_step_ended = time.perf_counter()
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
         estimate = self.meter.stop() if self.meter.measuring else None
@@ -144,7 +151,7 @@ class DiversityCallback(pl.Callback):
         metrics = trainer.callback_metrics
         change = self.adaptive.end_epoch(
             epoch, estimate, lr=_current_lr(trainer), train_loss=_metric(metrics, "train_loss"),
-            test_loss=_metric(metrics, "val_loss"))
+            test_loss=_metric(metrics, "val_loss"), seconds=self._last_step_ended - self._epoch_started)
         if change.changed:
             lightning_setattr(pl_module, self.batch_size_attr, change.batch_size)
             _scale_lr(trainer, change.lr_factor)
