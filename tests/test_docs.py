@@ -71,13 +71,8 @@ def test_every_file_docs_algorithm_md_names_exists():
     assert [path for path in sorted(named) if not (ROOT / path).exists()] == []
 
 
-# The issue-13 engineer is rewording these two docstrings; remove them here when they are done.
-STILL_CITING = {"dbx/estimators/exact.py", "dbx/estimators/kernels.py"}
-
-
 def test_nothing_in_the_project_cites_a_file_that_is_not_in_it():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     citing = sorted(path for path in tracked if (ROOT / path).is_file() and path != "tests/test_docs.py"
                     and "PAPER.md" in (ROOT / path).read_text(errors="replace"))
-    assert set(citing) <= STILL_CITING, f"these cite PAPER.md, which a clone does not have: point them at " \
-                                        f"docs/algorithm.md: {sorted(set(citing) - STILL_CITING)}"
+    assert citing == [], f"these cite PAPER.md, which a clone does not have: point them at docs/algorithm.md: {citing}"

@@ -23,7 +23,7 @@ from dbx.spec import (
     spec_from_dict,
 )
 
-# The example from DESIGN.md, verbatim.
+# The example spec from the design notes, verbatim.
 DESIGN_EXAMPLE = """\
 name: cifar10-divebatch
 seed: 0

@@ -1,6 +1,6 @@
 """``exact``: gradient diversity over every sample of the measuring epoch, from its own steps.
 
-DiveBatch (Chen, Wang, Sundaram, arXiv 2509.16173; see PAPER.md) measures, during the epoch that
+DiveBatch (Chen, Wang, Sundaram, arXiv 2509.16173; docs/algorithm.md) measures, during the epoch that
 ends at a resize point,
 
     diversity = S1 / ||S2||^2,   S1 = sum_i ||g_i||^2,   S2 = sum_i g_i,

@@ -32,9 +32,11 @@ Normalisation layers (BatchNorm, GroupNorm, LayerNorm, RMSNorm, InstanceNorm): t
 gradient of the affine weight is ``sum_positions b_i * xhat_i`` and of the bias ``sum_positions b_i``,
 where ``xhat`` is the normalised input computed exactly as the layer's forward did (batch statistics
 in BatchNorm's training mode, read from autograd's saved mean and inverse std when available). For
-BatchNorm in training mode these per-sample terms are the rows of the batch gradient, as in
-PAPER.md: ``b_i`` already carries the cross-sample terms autograd propagated through the batch
-statistics, and the terms sum exactly to the batch gradient.
+BatchNorm in training mode these per-sample terms are the rows of the batch gradient: ``b_i``
+already carries the cross-sample terms autograd propagated through the batch statistics, and the
+terms sum exactly to the batch gradient (so S1 and S2 agree). This is dbx's definition, not the
+DiveBatch authors' code, which puts BatchNorm in eval mode first and so uses running statistics
+for these terms; docs/algorithm.md says where the two differ.
 
 Embedding: the per-sample gradient is ``sum_t onehot(idx_it) b_it^T``; its squared norm is
 ``sum_{t,s} [idx_it == idx_is] (b_it . b_is)``, evaluated as a Gram form for short sequences and by
