@@ -64,14 +64,17 @@ class ExactEstimator:
 
     name = "exact"
 
-    def __init__(self, *, exclude: Sequence[str] = (), per_layer: bool = False, fuse_weight_grads: bool = True) -> None:
-        if isinstance(exclude, str):
-            exclude = [exclude]
-        self.exclude = tuple(exclude)
+    def __init__(self, *, exclude: Sequence[str] = (), per_layer: bool = False, fuse_weight_grads: bool = True,
+                 fallback: bool = True, fallback_force: Sequence[str] = (), fallback_forbid: Sequence[str] = ()) -> None:
+        self.exclude = _patterns(exclude)
         self.per_layer = per_layer
         self.fuse_weight_grads = fuse_weight_grads
+        self.fallback = fallback
+        self.fallback_force = _patterns(fallback_force)
+        self.fallback_forbid = _patterns(fallback_forbid)
         self._include: Sequence[str] | None = None
         self._hooks: Any = None
+        self._selfcheck: Any = None
         self._reset_sums()
 
     def _reset_sums(self) -> None:
@@ -87,14 +90,18 @@ class ExactEstimator:
     def attach(self, model: Any) -> None:
         import torch
 
-        from dbx.estimators.hooks import build_hooks
+        from dbx.estimators.hooks import Fallback, build_hooks
+        from dbx.estimators.selfcheck import SelfCheck, watched_from
 
         start = time.perf_counter()
         if self._hooks is not None:
             self.detach()
         fuse = self.fuse_weight_grads and not _distributed()
-        hooks, _ = build_hooks(model, include=self._include, exclude=self.exclude, estimator=self.name, fuse=fuse)
+        fallback = Fallback(self.fallback, self.fallback_force, self.fallback_forbid)
+        hooks, _ = build_hooks(model, include=self._include, exclude=self.exclude, estimator=self.name, fuse=fuse,
+                               fallback=fallback)
         self._hooks = hooks
+        self._selfcheck = SelfCheck(model, watched_from(hooks), estimator=self.name)
         self._params = [p for layer in hooks.layers for p in layer.params]
         self._layer_of_param = [layer.index for layer in hooks.layers for _ in layer.params]
         self._reset_sums()
@@ -104,6 +111,7 @@ class ExactEstimator:
         self._samples = torch.zeros((), dtype=torch.long, device=device)
         self._sum_grad = [torch.zeros_like(p, dtype=torch.float32) for p in self._params]
         hooks.attach()
+        self._selfcheck.arm()  # records the first step, checked in its on_backward
         self._seconds = time.perf_counter() - start
 
     def on_backward(self, loss_scale: Any) -> None:
@@ -118,6 +126,14 @@ class ExactEstimator:
         if rows is not None:
             self._step_sq.add_(rows.sum(1, dtype=torch.float64) / (loss_scale * loss_scale))
             self._step_samples += batch if batch is not None else rows.shape[1]
+        check = self._selfcheck
+        if check is not None and check.recorded:
+            try:
+                check.check_sums({id(p): p.grad for p in self._params})
+                check.check_batch_dims()
+            finally:
+                check.disarm()
+                self._selfcheck = None
         self._seconds += time.perf_counter() - start
 
     def on_step(self, loss_scale: Any) -> None:
@@ -179,6 +195,9 @@ class ExactEstimator:
         )
 
     def detach(self) -> None:
+        if self._selfcheck is not None:
+            self._selfcheck.disarm()
+            self._selfcheck = None
         if self._hooks is not None:
             self._hooks.detach()
             self._hooks = None
@@ -200,6 +219,10 @@ class ExactEstimator:
                 f"estimator.params.exclude: {[layer.path or ROOT for layer in missed[:8]]}, or use the "
                 f"'subsampled' estimator."
             )
+
+
+def _patterns(value: Sequence[str] | str) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def _distributed() -> bool:

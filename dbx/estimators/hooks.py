@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from dbx.errors import UserError
 from dbx.estimators import kernels as K
 
-__all__ = ["NormHooks", "Layer", "ROOT", "matches", "EstimatorConfigError"]
+__all__ = ["NormHooks", "Layer", "ROOT", "matches", "EstimatorConfigError", "Fallback"]
 
 #: The key of parameters owned by the model object itself (a model that *is* an ``nn.Linear``).
 ROOT = "root"
@@ -94,25 +94,50 @@ class Ownership:
     shared_ids: set[int]
 
 
-def ownership(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str]) -> Ownership:
+@dataclass(frozen=True)
+class Fallback:
+    """Which modules the generic per-module fallback (``dbx.estimators.fallback``) measures: by default
+    those without a dedicated kernel; ``force`` patterns also those with one, ``forbid`` patterns none."""
+
+    enabled: bool = True
+    force: tuple[str, ...] = ()
+    forbid: tuple[str, ...] = ()
+
+
+def ownership(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str],
+              fallback: Fallback = Fallback(enabled=False)) -> Ownership:
     """Walk ``model`` and sort its trainable parameters by owning module (included ones only)."""
+    from dbx.estimators import fallback as FB
+
     owners: dict[int, list[str]] = {}
     names: dict[int, str] = {}
     covered, uncovered = [], []
+    claimed: list[str] = []  # modules measured as a whole with their children (MultiheadAttention)
     for path, module in model.named_modules(remove_duplicate=True):
         own = [(n, p) for n, p in module._parameters.items() if p is not None and p.requires_grad]
-        if not own:
-            continue
         for n, p in own:
             owners.setdefault(id(p), []).append(path)
             names.setdefault(id(p), f"{path}.{n}" if path else n)
-        if (include is not None and not matches(path, include)) or matches(path, exclude):
+        if any(path.startswith(c + ".") for c in claimed):
+            continue
+        picked = (include is None or matches(path, include)) and not matches(path, exclude)
+        if picked and fallback.enabled and FB.claims_children(module) and not matches(path, fallback.forbid):
+            claimed.append(path)
+            covered.append((path, module, FB.fallback_kernel(), [p for _, p in FB.fallback_params(module)]))
+            continue
+        if not own or not picked:
             continue
         kernel = K.kernel_for(module)
+        if fallback.enabled and (kernel is None or matches(path, fallback.force)) and not matches(path, fallback.forbid):
+            kernel = FB.fallback_kernel()
         if kernel is None:
             uncovered.append((path, module, own))
         else:
             covered.append((path, module, kernel, [p for _, p in own]))
+    for path in claimed:  # the claimed children's parameters belong to their parent
+        for n, p in model.get_submodule(path).named_parameters():
+            if "." in n and id(p) in owners:
+                owners[id(p)] = [path if o.startswith(path + ".") else o for o in owners[id(p)]]
     included = {path for path, *_ in covered} | {path for path, *_ in uncovered}
     shared_ids = {i for i, paths in owners.items() if len(paths) > 1 and any(p in included for p in paths)}
     shared = [(names[i], owners[i]) for i in shared_ids]
@@ -194,6 +219,12 @@ class NormHooks:
             if layer.fusable:
                 self._handles.append(layer.module.register_forward_pre_hook(partial(self._fuse_pre_hook, layer),
                                                                             with_kwargs=True))
+            if layer.kernel.name == "fallback":
+                from dbx.estimators.fallback import forward_hook
+
+                self._handles.append(layer.module.register_forward_hook(partial(forward_hook, self, layer),
+                                                                        with_kwargs=True))
+                continue
             self._handles.append(layer.module.register_forward_hook(
                 partial(self._forward_hook, layer), with_kwargs=True, always_call=layer.fusable))
         self.reset()
@@ -269,6 +300,8 @@ class NormHooks:
         x = args[0] if args else next(iter(kwargs.values()))
         if self.batch is None:
             self.batch = x.shape[0] if x.dim() > 0 else None
+        if self.batch == 0:  # an empty batch: no samples, no norms
+            return
         if x.dim() == 0 or x.shape[0] != self.batch or output.shape[0] != self.batch:
             raise EstimatorConfigError(
                 f"estimator {self.estimator!r} needs batch-first inputs: module {display(layer.path)!r} "
@@ -356,13 +389,14 @@ class NormHooks:
 
 
 def build_hooks(model: nn.Module, *, include: Sequence[str] | None, exclude: Sequence[str], estimator: str,
-                form: str = "auto", allow_uncovered: bool = False, fuse: bool = False) -> tuple[NormHooks, Ownership]:
+                form: str = "auto", allow_uncovered: bool = False, fuse: bool = False,
+                fallback: Fallback = Fallback(enabled=False)) -> tuple[NormHooks, Ownership]:
     """Check ``model`` and build hooks for its included parameter-owning modules.
 
     Raises ``EstimatorConfigError`` for parameters shared between modules, for unsupported
     modules (unless ``allow_uncovered``) and when the patterns select nothing.
     """
-    own = ownership(model, include, exclude)
+    own = ownership(model, include, exclude, fallback)
     if own.shared and allow_uncovered:  # shared parameters go to the caller's fallback
         keep = [c for c in own.covered if not any(id(p) in own.shared_ids for p in c[3])]
         moved = [(path, module, [(n, p) for n, p in module._parameters.items() if p is not None and p.requires_grad])
