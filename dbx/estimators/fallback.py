@@ -124,6 +124,11 @@ def refusal(module: nn.Module, path: str, args: tuple, kwargs: dict, batch: int 
         if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.training:
             return (f"it contains {type(sub).__name__} in training mode, whose batch statistics couple the "
                     f"samples")
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.scale_grad_by_freq:
+        return ("its scale_grad_by_freq divides each row's gradient by that token's count in the whole batch, "
+                "which couples the samples (the batch gradient is not the sum of per-sample gradients)")
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
+        return "its gradient is sparse"
     if isinstance(module, nn.RNNBase) and module.training and module.dropout > 0:
         return f"its dropout ({module.dropout}) between layers draws a random mask the fallback cannot repeat"
     if isinstance(module, nn.MultiheadAttention) and module.training and module.dropout > 0:
