@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from dbx.estimators.hooks import ROOT, EstimatorConfigError, Fallback, build_hooks
+from dbx.estimators.hooks import NO_FALLBACK, ROOT, EstimatorConfigError, Fallback, build_hooks
 
 __all__ = ["PerSampleSqNorms", "per_sample_sq_norms", "per_sample_grads_func"]
 
@@ -99,7 +99,7 @@ def per_sample_sq_norms(
 
 def _with_hooks(model, loss_fn, inputs, targets, layers, exclude, *, allow_uncovered: bool,
                 form: str = "auto", estimator: str = "per_sample_sq_norms",
-                fallback: Fallback = Fallback(enabled=False), selfcheck: bool = False) -> PerSampleSqNorms:
+                fallback: Fallback = NO_FALLBACK, selfcheck: bool = False) -> PerSampleSqNorms:
     from dbx.estimators.selfcheck import SelfCheck, watched_from
 
     hooks, own = build_hooks(model, include=layers, exclude=exclude, estimator=estimator, form=form,

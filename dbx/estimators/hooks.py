@@ -104,8 +104,12 @@ class Fallback:
     forbid: tuple[str, ...] = ()
 
 
+#: no generic fallback: modules without a dedicated kernel are refused (or left to the caller)
+NO_FALLBACK = Fallback(enabled=False)
+
+
 def ownership(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str],
-              fallback: Fallback = Fallback(enabled=False)) -> Ownership:
+              fallback: Fallback = NO_FALLBACK) -> Ownership:
     """Walk ``model`` and sort its trainable parameters by owning module (included ones only)."""
     from dbx.estimators import fallback as FB
 
@@ -390,7 +394,7 @@ class NormHooks:
 
 def build_hooks(model: nn.Module, *, include: Sequence[str] | None, exclude: Sequence[str], estimator: str,
                 form: str = "auto", allow_uncovered: bool = False, fuse: bool = False,
-                fallback: Fallback = Fallback(enabled=False)) -> tuple[NormHooks, Ownership]:
+                fallback: Fallback = NO_FALLBACK) -> tuple[NormHooks, Ownership]:
     """Check ``model`` and build hooks for its included parameter-owning modules.
 
     Raises ``EstimatorConfigError`` for parameters shared between modules, for unsupported
