@@ -322,12 +322,14 @@ def test_per_sample_sq_norms_auto_falls_back_to_torch_func():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.PReLU(), nn.Linear(6, 3))
     x, y = torch.randn(9, 5), torch.randint(0, 3, (9,))
-    with pytest.raises(UserError):
-        per_sample_sq_norms(model, F.cross_entropy, x, y)
-    auto = per_sample_sq_norms(model, F.cross_entropy, x, y, method="auto")
+    with pytest.raises(UserError):  # hooks only, without the per-module fallback: PReLU has no kernel
+        per_sample_sq_norms(model, F.cross_entropy, x, y, fallback_forbid=["1"])
+    hooks = per_sample_sq_norms(model, F.cross_entropy, x, y)  # PReLU through the per-module fallback
+    auto = per_sample_sq_norms(model, F.cross_entropy, x, y, method="auto", fallback_forbid=["1"])
     slow = per_sample_sq_norms(model, F.cross_entropy, x, y, method="func")
     torch.testing.assert_close(auto.total, slow.total, rtol=1e-5, atol=1e-7)
-    assert set(auto.per_layer) == {"0", "1", "2"}
+    torch.testing.assert_close(hooks.total, slow.total, rtol=1e-5, atol=1e-7)
+    assert set(auto.per_layer) == {"0", "1", "2"} == set(hooks.per_layer)
 
 
 # -- layerwise ------------------------------------------------------------------------------------------

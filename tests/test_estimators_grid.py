@@ -145,8 +145,11 @@ def test_modules_that_couple_samples_keep_a_clear_error():
     with pytest.raises(UserError, match=r"'0' \(Embedding\).*scale_grad_by_freq.*couples the samples"):
         per_sample_sq_norms(model, projection_loss, torch.randint(0, 6, (4, 5)), torch.randn(4, 15))
     dropout = Wrap(nn.MultiheadAttention(8, 2, dropout=0.1, batch_first=True), kind="mha")
-    with pytest.raises(UserError, match=r"'layer' \(MultiheadAttention\).*dropout"):
-        per_sample_sq_norms(dropout, projection_loss, torch.randn(3, 4, 8), torch.randn(3, 32))
+    x, target = torch.randn(3, 4, 8), torch.randn(3, 32)
+    with pytest.raises(UserError, match=r"'layer' \(MultiheadAttention\).*dropout"):  # a mask it cannot repeat
+        per_sample_sq_norms(dropout, projection_loss, x, target, fallback_force=["layer"])
+    measured = per_sample_sq_norms(dropout, projection_loss, x, target)  # its own rule reads the step's mask
+    assert (measured.total > 0).all()
 
 
 def test_loss_modules_are_accepted_like_functions():

@@ -101,7 +101,7 @@ class ExactEstimator:
         hooks, _ = build_hooks(model, include=self._include, exclude=self.exclude, estimator=self.name, fuse=fuse,
                                fallback=fallback)
         self._hooks = hooks
-        self._selfcheck = SelfCheck(model, watched_from(hooks), estimator=self.name)
+        self._selfcheck = SelfCheck(model, watched_from(hooks), estimator=self.name, hooks=hooks)
         self._params = [p for layer in hooks.layers for p in layer.params]
         self._layer_of_param = [layer.index for layer in hooks.layers for _ in layer.params]
         self._reset_sums()

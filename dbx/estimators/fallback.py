@@ -287,3 +287,16 @@ def forward_hook(hooks: Any, layer: Any, module: nn.Module, args: tuple, kwargs:
 
 def _keep(call: FallbackCall, k: int, grad: Tensor) -> None:
     call.grads[k] = grad.detach() if call.grads[k] is None else call.grads[k] + grad.detach()
+
+
+def register(hooks: Any, layer: Any) -> Any:
+    """Put ``layer`` (a fallback layer) under the hooks; returns a handle with ``remove()``.
+
+    A MultiheadAttention gets its own rule (``dbx.estimators.attention``) unless a ``fallback_force``
+    pattern names it; everything else the generic forward hook."""
+    from dbx.estimators import attention
+    from dbx.estimators.hooks import matches
+
+    if attention.supports(layer.module) and not matches(layer.path, hooks.generic_only):
+        return attention.install(hooks, layer)
+    return layer.module.register_forward_hook(partial(forward_hook, hooks, layer), with_kwargs=True)

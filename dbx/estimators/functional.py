@@ -104,7 +104,7 @@ def _with_hooks(model, loss_fn, inputs, targets, layers, exclude, *, allow_uncov
 
     hooks, own = build_hooks(model, include=layers, exclude=exclude, estimator=estimator, form=form,
                              allow_uncovered=allow_uncovered, fallback=fallback)
-    check = SelfCheck(model, watched_from(hooks), estimator=estimator)
+    check = SelfCheck(model, watched_from(hooks), estimator=estimator, hooks=hooks)
     params = {id(p): p for layer in hooks.layers for p in layer.params}  # insertion-ordered, deduplicated
     for _, _, named in own.uncovered:
         params.update({id(p): p for _, p in named})
@@ -119,7 +119,7 @@ def _with_hooks(model, loss_fn, inputs, targets, layers, exclude, *, allow_uncov
             grads = torch.autograd.grad(loss, plist, allow_unused=True)
         rows = hooks.collect()
         if selfcheck:
-            check.check_sums({id(p): g for p, g in zip(plist, grads, strict=True)})
+            check.check_sums({id(p): g for p, g in zip(plist, grads, strict=True)}, accumulated=False)
             check.check_batch_dims()
     finally:
         check.disarm()

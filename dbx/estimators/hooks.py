@@ -206,6 +206,7 @@ class NormHooks:
         for layer in self.layers:
             layer.fusable = fuse and layer.kernel.plan is not None and K._trainable(layer.module, "weight")
         self.batch: int | None = None  # leading dimension of the model's input in this forward
+        self.generic_only: tuple[str, ...] = ()  # module patterns the generic fallback measures (no special rule)
         self.seconds = 0.0
         self.enabled = True
         self._slots: list[Tensor | None] = [None] * len(self.layers)
@@ -224,10 +225,9 @@ class NormHooks:
                 self._handles.append(layer.module.register_forward_pre_hook(partial(self._fuse_pre_hook, layer),
                                                                             with_kwargs=True))
             if layer.kernel.name == "fallback":
-                from dbx.estimators.fallback import forward_hook
+                from dbx.estimators.fallback import register
 
-                self._handles.append(layer.module.register_forward_hook(partial(forward_hook, self, layer),
-                                                                        with_kwargs=True))
+                self._handles.append(register(self, layer))
                 continue
             self._handles.append(layer.module.register_forward_hook(
                 partial(self._forward_hook, layer), with_kwargs=True, always_call=layer.fusable))
@@ -433,7 +433,9 @@ def build_hooks(model: nn.Module, *, include: Sequence[str] | None, exclude: Seq
             + (f" outside {list(exclude)}" if exclude else "")
             + f". Parameter-owning modules of this model: {_owner_listing(model)}"
         )
-    return NormHooks(model, own.covered, form=form, estimator=estimator, fuse=fuse), own
+    hooks = NormHooks(model, own.covered, form=form, estimator=estimator, fuse=fuse)
+    hooks.generic_only = fallback.force
+    return hooks, own
 
 
 def _owner_listing(model: nn.Module, limit: int = 12) -> str:

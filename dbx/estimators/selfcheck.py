@@ -74,7 +74,6 @@ class _Call:
     rng: Tensor | None
     rng_device: Any
     autocast: tuple[str, torch.dtype] | None
-    outputs: list[Tensor | None]
     grads: list[Tensor | None]
 
 
@@ -85,8 +84,9 @@ class SelfCheck:
     parameters' gradients of that step, and ``check_batch_dims()``; ``disarm()`` removes every hook.
     """
 
-    def __init__(self, model: nn.Module, watched: Sequence[Watched], *, estimator: str) -> None:
+    def __init__(self, model: nn.Module, watched: Sequence[Watched], *, estimator: str, hooks: Any = None) -> None:
         self.model = model
+        self.hooks = hooks  # paused (``enabled = False``) during the check's own forwards
         self.watched = list(watched)
         self.estimator = estimator
         self.inputs: tuple[tuple, dict] | None = None
@@ -142,7 +142,7 @@ class SelfCheck:
         cast = None
         if device is not None and torch.is_autocast_enabled(device.type):
             cast = (device.type, torch.get_autocast_dtype(device.type))
-        w.calls.append(_Call(args, dict(kwargs), rng, device, cast, [], []))
+        w.calls.append(_Call(args, dict(kwargs), rng, device, cast, []))
 
     def _hook(self, w: Watched, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if _transforms_active():
@@ -150,30 +150,30 @@ class SelfCheck:
         if self._mode == "probe":
             dims = pytree.tree_leaves(w.input_batch_dims(module, args, kwargs), is_leaf=lambda x: x is None)
             leaves = pytree.tree_leaves((args, kwargs))
-            w.probe.append([(leaf, d) for leaf, d in zip(leaves, dims, strict=False)
+            w.probe.append([(leaf.detach(), d) for leaf, d in zip(leaves, dims, strict=False)
                             if isinstance(leaf, Tensor) and isinstance(d, int)])
             return
         if self._mode != "record" or not torch.is_grad_enabled() or not w.calls:
             return
         call = w.calls[-1]
-        outs = [o for o in pytree.tree_leaves(output)]
-        call.outputs = [o if isinstance(o, Tensor) else None for o in outs]
+        outs = pytree.tree_leaves(output)
         call.grads = [None] * len(outs)
-        for k, o in enumerate(call.outputs):
-            if o is not None and o.requires_grad:
+        for k, o in enumerate(outs):
+            if isinstance(o, Tensor) and o.requires_grad:
                 o.register_hook(partial(_keep_grad, call, k))
 
     # -- check 1: sums ------------------------------------------------------------------------
-    def check_sums(self, grads: dict[int, Tensor | None]) -> None:
+    def check_sums(self, grads: dict[int, Tensor | None], *, accumulated: bool = True) -> None:
         """Compare, per parameter, the gradient of the recorded calls with ``grads`` (id -> gradient
-        of this step, in the step's loss scale). Raises ``EstimatorConfigError`` on a mismatch."""
+        of this step, in the step's loss scale; ``accumulated``: they are ``.grad``, which may hold
+        gradients from before the step). Raises ``EstimatorConfigError`` on a mismatch."""
         start = time.perf_counter()
         for w in self.watched:
             local = {n: g.detach() for n, g in self._local_grads(w).items()}
             for name, p in w.params.items():
                 got = grads.get(id(p))
                 got = got.detach() if got is not None else None
-                before = self.grad_before.get(id(p))
+                before = self.grad_before.get(id(p)) if accumulated else None
                 if got is not None and before is not None:
                     got = got - before
                 mine = local.get(name)
@@ -243,7 +243,7 @@ class SelfCheck:
             f"{display(w.path)!r} ({type(w.module).__name__}) the sum of the per-sample gradients the hooks "
             f"measured differs from autograd's gradient by {rel:.3g} (relative), so its per-sample norms "
             f"would be wrong. Likely cause: the parameter is also used outside its module's forward (e.g. "
-            f"F.linear(x, self.{w.path.rsplit('.', 1)[-1] or 'fc'}.weight) beside a call of the module) or is "
+            f"F.linear(x, module.weight) beside a call of the module) or is "
             f"shared with another module. Fix: leave the module out with estimator.params.exclude: "
             f"[{w.path or ROOT!r}] (or restrict estimator.params.layers), or use the 'subsampled' estimator."
         )
@@ -264,9 +264,14 @@ class SelfCheck:
         modes = {m: m.training for m in self.model.modules()}
         buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         self._mode = "probe"
+        paused = self.hooks is not None and self.hooks.enabled
+        if paused:
+            self.hooks.enabled = False
         try:
             self.model.eval()
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            # with grad mode on (nothing is kept: the outputs are dropped), so that fast inference paths
+            # (TransformerEncoderLayer's, MultiheadAttention's) do not bypass the modules' calls
+            with torch.enable_grad(), torch.random.fork_rng(devices=[]):
                 for w in self.watched:
                     w.probe.clear()
                 self.model(*args, **kwargs)
@@ -277,6 +282,8 @@ class SelfCheck:
                 second = [list(w.probe) for w in self.watched]
         finally:
             self._mode = "record"
+            if paused:
+                self.hooks.enabled = True
             for m, mode in modes.items():
                 m.training = mode
             with torch.no_grad():
