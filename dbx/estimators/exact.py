@@ -102,8 +102,12 @@ class ExactEstimator:
                                fallback=fallback)
         self._hooks = hooks
         self._selfcheck = SelfCheck(model, watched_from(hooks), estimator=self.name, hooks=hooks)
-        self._params = [p for layer in hooks.layers for p in layer.params]
-        self._layer_of_param = [layer.index for layer in hooks.layers for _ in layer.params]
+        first: dict[int, tuple[Any, int]] = {}  # a shared parameter counts once, with its first owner
+        for layer in hooks.layers:
+            for p in layer.params:
+                first.setdefault(id(p), (p, layer.index))
+        self._params = [p for p, _ in first.values()]
+        self._layer_of_param = [index for _, index in first.values()]
         self._reset_sums()
         device = self._params[0].device
         self._sum_sq = torch.zeros(len(hooks.layers), dtype=torch.float64, device=device)

@@ -116,6 +116,8 @@ class FallbackCall:
     training: bool
     n: int  # samples
     path: str
+    shared: frozenset[int] = frozenset()  # ids of shared parameters: their per-sample gradients go to ``sink``
+    sink: dict[int, Tensor] | None = None
 
 
 def refusal(module: nn.Module, path: str, args: tuple, kwargs: dict, batch: int | None) -> str | None:
@@ -230,7 +232,12 @@ def _fallback_sq_norms(module: nn.Module, ctxs: list[FallbackCall], refs: list[T
                 f"from the step ({error}). Set its dropout to 0, leave it out with estimator.params.exclude: "
                 f"[{call.path or ROOT!r}], or use the 'subsampled' estimator."
             ) from error
+        params = dict(module.named_parameters())
         for name, g in grads.items():
+            pid = id(params[name])
+            if pid in call.shared and call.sink is not None:  # squared once all its uses are in
+                call.sink[pid] = g if pid not in call.sink else call.sink[pid] + g
+                continue
             total[name] = g if name not in total else total[name] + g
     if not total:
         n = ctxs[0].n
@@ -274,7 +281,8 @@ def forward_hook(hooks: Any, layer: Any, module: nn.Module, args: tuple, kwargs:
                 f"an input of shape {tuple(v.shape)} whose dimension {d} should hold the model's {batch} samples. "
                 f"Exclude it with estimator.params.exclude: [{layer.path or ROOT!r}], or use the 'subsampled' estimator."
             )
-    call = FallbackCall(args, dict(kwargs), in_dims, out_dims, [None] * len(leaves), module.training, batch, layer.path)
+    call = FallbackCall(args, dict(kwargs), in_dims, out_dims, [None] * len(leaves), module.training, batch, layer.path,
+                        hooks.shared, hooks.shared_sums)
     for k, o in enumerate(outs):
         if o is not None:
             o.register_hook(partial(_keep, call, k))

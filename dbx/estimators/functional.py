@@ -153,14 +153,17 @@ def _func_only(model, loss_fn, inputs, targets, layers, exclude) -> PerSampleSqN
     own = ownership(model, layers, exclude)
     names = _param_names(model)
     groups: dict[str, list[str]] = {}
+    seen: set[int] = set()  # a shared parameter counts once, with its first owner
     for path, _, _, params in own.covered:
-        groups[path or ROOT] = [names[id(p)] for p in params]
+        groups[path or ROOT] = [names[id(p)] for p in params if id(p) not in seen]
+        seen.update(id(p) for p in params)
     for path, _, named in own.uncovered:
-        groups[path or ROOT] = [names[id(p)] for _, p in named]
+        groups[path or ROOT] = [names[id(p)] for _, p in named if id(p) not in seen]
+        seen.update(id(p) for _, p in named)
     if not groups:
         raise EstimatorConfigError("per_sample_sq_norms: no trainable parameters selected")
     per_param = per_sample_grads_func(model, loss_fn, inputs, targets, [n for ns in groups.values() for n in ns])
-    per_layer = {key: sum(_sq_rows(per_param[n]) for n in ns) for key, ns in groups.items()}
+    per_layer = {key: sum(_sq_rows(per_param[n]) for n in ns) for key, ns in groups.items() if ns}
     total = torch.stack(list(per_layer.values())).sum(0)
     grad_sum = {n: _at_least_f32(g.sum(0)) for n, g in per_param.items()}
     return PerSampleSqNorms(total=total, per_layer=per_layer, grad_sum=grad_sum)

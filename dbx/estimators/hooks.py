@@ -92,6 +92,9 @@ class Ownership:
     uncovered: list[tuple[str, nn.Module, list[tuple[str, nn.Parameter]]]]
     shared: list[tuple[str, list[str]]]  # parameter name, module paths that own it
     shared_ids: set[int]
+    #: shared parameters measured anyway: every module using them goes through the generic fallback,
+    #: whose per-sample gradients of each use are added up before squaring
+    measured_shared: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -144,8 +147,17 @@ def ownership(model: nn.Module, include: Sequence[str] | None, exclude: Sequence
                 owners[id(p)] = [path if o.startswith(path + ".") else o for o in owners[id(p)]]
     included = {path for path, *_ in covered} | {path for path, *_ in uncovered}
     shared_ids = {i for i, paths in owners.items() if len(paths) > 1 and any(p in included for p in paths)}
+    handled: set[int] = set()
+    if fallback.enabled and shared_ids:
+        covered_paths = {path for path, *_ in covered}
+        handled = {i for i in shared_ids
+                   if all(o in covered_paths and not matches(o, fallback.forbid) for o in owners[i])}
+        covered = [(path, module, FB.fallback_kernel(), params)
+                   if any(id(p) in handled for p in params) else (path, module, kernel, params)
+                   for path, module, kernel, params in covered]
+        shared_ids = shared_ids - handled
     shared = [(names[i], owners[i]) for i in shared_ids]
-    return Ownership(covered, uncovered, shared, shared_ids)
+    return Ownership(covered, uncovered, shared, shared_ids, frozenset(handled))
 
 
 class _Reach(torch.autograd.Function):
@@ -207,6 +219,8 @@ class NormHooks:
             layer.fusable = fuse and layer.kernel.plan is not None and K._trainable(layer.module, "weight")
         self.batch: int | None = None  # leading dimension of the model's input in this forward
         self.generic_only: tuple[str, ...] = ()  # module patterns the generic fallback measures (no special rule)
+        self.shared: frozenset[int] = frozenset()  # ids of shared parameters (see ``Ownership.measured_shared``)
+        self.shared_sums: dict[int, Tensor] = {}  # id -> (B, *shape) per-sample gradient summed over its uses
         self.seconds = 0.0
         self.enabled = True
         self._slots: list[Tensor | None] = [None] * len(self.layers)
@@ -260,6 +274,7 @@ class NormHooks:
         self._filled = 0
         self._touched = []
         self.batch = None
+        self.shared_sums = {}
 
     # -- hooks -------------------------------------------------------------------------------
     def _root_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -368,6 +383,11 @@ class NormHooks:
                 self._flush(layer)
             layer.calls = 0
         self._touched = []
+        if self.shared_sums:  # a shared parameter's norm, from the sum of its uses, goes to its first owner
+            for pid, per_sample in self.shared_sums.items():
+                owner = next(layer for layer in self.layers if any(id(p) == pid for p in layer.params))
+                self._store(owner, K._sq(per_sample.flatten(1), 1))
+            self.shared_sums = {}
         if self._filled == 0:
             self.reset()
             return None
@@ -435,6 +455,7 @@ def build_hooks(model: nn.Module, *, include: Sequence[str] | None, exclude: Seq
         )
     hooks = NormHooks(model, own.covered, form=form, estimator=estimator, fuse=fuse)
     hooks.generic_only = fallback.force
+    hooks.shared = own.measured_shared
     return hooks, own
 
 

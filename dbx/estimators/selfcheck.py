@@ -168,27 +168,32 @@ class SelfCheck:
         of this step, in the step's loss scale; ``accumulated``: they are ``.grad``, which may hold
         gradients from before the step). Raises ``EstimatorConfigError`` on a mismatch."""
         start = time.perf_counter()
+        mine: dict[int, Tensor] = {}  # a parameter used by several measured modules: the sum of their parts
+        owner: dict[int, tuple[Watched, str]] = {}
         for w in self.watched:
             local = {n: g.detach() for n, g in self._local_grads(w).items()}
             for name, p in w.params.items():
-                got = grads.get(id(p))
-                got = got.detach() if got is not None else None
-                before = self.grad_before.get(id(p)) if accumulated else None
-                if got is not None and before is not None:
-                    got = got - before
-                mine = local.get(name)
-                if got is None or not torch.isfinite(got).all():
-                    continue  # no gradient this step (or an overflowed fp16 step): nothing to compare
-                ref = float(got.double().norm())
-                if mine is None:
-                    if ref > 0:
-                        self._fail_unseen(w, name)
-                    continue
-                diff = float((mine.double() - got.double()).norm())
-                scale = max(ref, float(mine.double().norm()))
-                tol = LOW_PRECISION_TOLERANCE if any(c.autocast for c in w.calls) else SUM_TOLERANCE
-                if scale > 0 and diff > tol * scale:
-                    self._fail_sum(w, name, diff / scale)
+                owner.setdefault(id(p), (w, name))
+                if name in local:
+                    mine[id(p)] = local[name] if id(p) not in mine else mine[id(p)] + local[name]
+        for pid, (w, name) in owner.items():
+            got = grads.get(pid)
+            got = got.detach() if got is not None else None
+            before = self.grad_before.get(pid) if accumulated else None
+            if got is not None and before is not None:
+                got = got - before
+            if got is None or not torch.isfinite(got).all():
+                continue  # no gradient this step (or an overflowed fp16 step): nothing to compare
+            ref = float(got.double().norm())
+            if pid not in mine:
+                if ref > 0:
+                    self._fail_unseen(w, name)
+                continue
+            diff = float((mine[pid].double() - got.double()).norm())
+            scale = max(ref, float(mine[pid].double().norm()))
+            tol = LOW_PRECISION_TOLERANCE if any(c.autocast for c in w.calls) else SUM_TOLERANCE
+            if scale > 0 and diff > tol * scale:
+                self._fail_sum(w, name, diff / scale)
         self.seconds += time.perf_counter() - start
 
     def _local_grads(self, w: Watched) -> dict[str, Tensor]:
