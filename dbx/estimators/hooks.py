@@ -220,6 +220,9 @@ class NormHooks:
         self.batch: int | None = None  # leading dimension of the model's input in this forward
         self.generic_only: tuple[str, ...] = ()  # module patterns the generic fallback measures (no special rule)
         self.shared: frozenset[int] = frozenset()  # ids of shared parameters (see ``Ownership.measured_shared``)
+        #: BatchNorm's per-sample weight terms from its running statistics, as the DiveBatch authors'
+        #: code (BackPACK with BatchNorm in eval mode for the backward) computes them
+        self.running_stats_bn = False
         self.shared_sums: dict[int, Tensor] = {}  # id -> (B, *shape) per-sample gradient summed over its uses
         self.seconds = 0.0
         self.enabled = True
@@ -333,7 +336,10 @@ class NormHooks:
             self._touched.append(layer)
         layer.calls += 1
         layer.fired = True
-        ctx = layer.kernel.capture(module, x, output)
+        if self.running_stats_bn and layer.kernel.name == "batchnorm":  # the authors' BatchNorm terms
+            ctx = (x, None, None)  # normalised with the running statistics, read at backward time
+        else:
+            ctx = layer.kernel.capture(module, x, output)
         output.register_hook(partial(self._grad_hook, layer, ctx, fused))
         self.seconds += time.perf_counter() - start
 
