@@ -29,8 +29,16 @@ class Wrap(nn.Module):
         elif self.kind == "cross":
             other = extra[0].transpose(0, 1) if self.time_major else extra[0]
             out = self.layer(x, other, other, need_weights=False)[0]
+        elif self.kind.startswith("mha:"):
+            out = self.layer(x, x, x, **MHA_OPTIONS[self.kind[4:]](x, self.layer, self.time_major))[0]
         elif self.kind == "rnn":
             out = self.layer(x)[0]
+        elif self.kind == "sequence":
+            t = x.shape[1 - int(self.time_major)]
+            out = self.layer(x, src_mask=nn.Transformer.generate_square_subsequent_mask(t, dtype=x.dtype),
+                             is_causal=True)
+        elif self.kind == "decoder":
+            out = self.layer(x, x.flip(0))  # memory: the sequence reversed
         elif self.kind == "bilinear":
             out = self.layer(x, extra[0])
         else:
@@ -38,6 +46,38 @@ class Wrap(nn.Module):
         if self.time_major:
             out = out.transpose(0, 1)
         return out.flatten(1)
+
+
+def _padding(x, layer, time_major):
+    first = (x.transpose(0, 1) if time_major else x)[..., 0]  # (B, T): each sample's mask from its own data
+    mask = first > 0.8
+    mask[:, 0] = False  # no sample ignores all its keys
+    return mask
+
+
+def _causal(x, layer, time_major, dtype=torch.bool):
+    t = x.shape[0] if time_major else x.shape[1]
+    mask = torch.ones(t, t, dtype=torch.bool).triu(1)
+    return mask if dtype == torch.bool else torch.zeros(t, t, dtype=x.dtype).masked_fill(mask, float("-inf"))
+
+
+def _per_head(x, layer, time_major):
+    batch_first = x.transpose(0, 1) if time_major else x
+    scores = torch.tanh(batch_first @ batch_first.mT).detach()  # (B, T, T) from each sample's own data
+    return scores.repeat_interleave(layer.num_heads, dim=0)  # (B * heads, T, T)
+
+
+#: keyword arguments of a MultiheadAttention call, from the (already time-major or not) input
+MHA_OPTIONS = {
+    "padding": lambda x, m, tm: {"key_padding_mask": _padding(x, m, tm), "need_weights": False},
+    "bool-causal": lambda x, m, tm: {"attn_mask": _causal(x, m, tm), "need_weights": False},
+    "float-causal-hint": lambda x, m, tm: {"attn_mask": _causal(x, m, tm, x.dtype), "is_causal": True,
+                                           "need_weights": False},
+    "padding-and-causal": lambda x, m, tm: {"attn_mask": _causal(x, m, tm), "key_padding_mask": _padding(x, m, tm)},
+    "per-head-3d": lambda x, m, tm: {"attn_mask": _per_head(x, m, tm), "need_weights": False},
+    "weights-per-head": lambda x, m, tm: {"need_weights": True, "average_attn_weights": False},
+    "weights-averaged": lambda x, m, tm: {"need_weights": True},
+}
 
 
 def projection_loss(out, target, reduction="sum"):
@@ -98,6 +138,38 @@ for batch_first, bias, kv in itertools.product((True, False), (True, False), (Fa
     else:
         CASES[name] = case(nn.MultiheadAttention(8, 2, bias=bias, batch_first=batch_first), (6, 8),
                            time_major=not batch_first, kind="mha")
+for option, batch_first in itertools.product(MHA_OPTIONS, (True, False)):
+    CASES[f"mha-{option}-bf{batch_first}"] = case(nn.MultiheadAttention(8, 2, batch_first=batch_first), (6, 8),
+                                                   time_major=not batch_first, kind=f"mha:{option}")
+for batch_first, norm_first in itertools.product((True, False), (True, False)):
+    CASES[f"encoder-layer-bf{batch_first}-nf{norm_first}"] = case(
+        nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first, norm_first=norm_first), (6, 8),
+        time_major=not batch_first, kind="sequence")
+CASES["decoder-layer-bfFalse"] = case(nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0), (6, 8), time_major=True,
+                                      kind="decoder")
+# the dedicated kernels over the same grid
+for stride, padding, dilation, groups, bias in itertools.product((1, 2), (0, 2, "same", "valid"), (1, 2), (1, 2),
+                                                                 (True, False)):
+    if padding == "same" and stride != 1:
+        continue
+    CASES[f"conv2d-s{stride}-p{padding}-d{dilation}-g{groups}-b{bias}"] = case(
+        nn.Conv2d(2, 4, 3, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias), (2, 7, 6))
+    CASES[f"conv1d-s{stride}-p{padding}-d{dilation}-g{groups}-b{bias}"] = case(
+        nn.Conv1d(2, 4, 3, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias), (2, 9))
+for bias in (True, False):
+    CASES[f"linear-3d-b{bias}"] = case(nn.Linear(4, 3, bias=bias), (5, 4))
+    CASES[f"linear-2d-b{bias}"] = case(nn.Linear(4, 3, bias=bias), (4,))
+CASES["groupnorm"] = case(nn.GroupNorm(2, 4), (4, 5))
+CASES["layernorm-2d-shape"] = case(nn.LayerNorm((3, 4)), (2, 3, 4))
+CASES["instancenorm2d-affine"] = case(nn.InstanceNorm2d(3, affine=True), (3, 4, 4))
+CASES["instancenorm1d-affine-running"] = case(nn.InstanceNorm1d(3, affine=True, track_running_stats=True).eval(),
+                                              (3, 6))
+CASES["batchnorm2d-eval"] = case(nn.BatchNorm2d(3).eval(), (3, 4, 4))
+CASES["batchnorm1d-eval"] = case(nn.BatchNorm1d(3).eval(), (3,))
+CASES["layernorm-no-bias"] = case(nn.LayerNorm(4, bias=False), (5, 4))
+CASES["rmsnorm"] = case(nn.RMSNorm(4), (5, 4))
+CASES["embedding-padding-idx"] = case(nn.Embedding(7, 3, padding_idx=0), (6,), ints=7)
+CASES["embedding-long"] = case(nn.Embedding(7, 3), (40,), ints=7)
 CASES["mha-add-bias-kv"] = case(nn.MultiheadAttention(8, 2, add_bias_kv=True, batch_first=True), (6, 8), kind="mha")
 
 
@@ -117,7 +189,8 @@ def test_layer_norms_equal_an_explicit_per_sample_loop(name):
     torch.manual_seed(0)
     model = Wrap(layer.double(), time_major=time_major, kind=kind)
     gen = torch.Generator().manual_seed(1)
-    batch = shape[0] if len(shape) >= 1 and kind in ("rnn", "mha", "cross") else 4  # T == B for sequences
+    sequences = kind in ("rnn", "mha", "cross", "sequence", "decoder") or kind.startswith("mha:")
+    batch = shape[0] if sequences else 4  # T == B for sequences
     inputs = inputs_for(shape, extra, ints, batch, gen)
     with torch.no_grad():
         out = model(inputs if len(inputs) > 1 else inputs[0])
@@ -126,9 +199,17 @@ def test_layer_norms_equal_an_explicit_per_sample_loop(name):
     rows = explicit(model, inputs, target)
     total = torch.stack([sum(g.square().sum() for g in r.values()) for r in rows])
     torch.testing.assert_close(ours.total.double(), total, rtol=1e-8, atol=1e-12)
-    assert list(ours.per_layer) == ["layer"]
+    for key, norms in ours.per_layer.items():  # each module's share, MultiheadAttention's out_proj with it
+        mine = [n for n in rows[0] if owner(n, ours.per_layer) == key]
+        expected = torch.stack([sum(r[n].square().sum() for n in mine) for r in rows])
+        torch.testing.assert_close(norms.double(), expected, rtol=1e-8, atol=1e-12)
     for n, g in ours.grad_sum.items():
         torch.testing.assert_close(g.double(), sum(r[n] for r in rows), rtol=1e-8, atol=1e-12)
+
+
+def owner(name, keys):
+    """The measured module a parameter name belongs to: the longest module path that prefixes it."""
+    return max((k for k in keys if name.startswith(k + ".")), key=len)
 
 
 def test_an_empty_batch_gives_empty_results():

@@ -101,9 +101,12 @@ def _forward(hooks: Any, layer: Any, module: nn.MultiheadAttention, query: Tenso
         scores = torch.matmul(q * (1.0 / math.sqrt(head_dim)), k.transpose(-2, -1))
         if mask is not None:
             scores = scores + mask
-        weights = torch.softmax(scores, dim=-1)
-        attended = torch.matmul(F.dropout(weights, p=dropout) if dropout > 0 else weights, v)
-        weights = weights.mean(1) if average_attn_weights else weights
+        probs = torch.softmax(scores, dim=-1)
+        if dropout > 0:
+            probs = F.dropout(probs, p=dropout)
+        attended = torch.matmul(probs, v)
+        # returned as PyTorch does: after dropout, and as a new view (its gradient is only the caller's)
+        weights = probs.mean(1) if average_attn_weights else probs.view(batch, heads, length, source)
     else:
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
     attended = attended.permute(2, 0, 1, 3).reshape(length, batch, embed)  # (L, B, E)

@@ -64,9 +64,19 @@ def _dims_of(value: Any, dim: int | None) -> Any:
     return pytree.tree_map(lambda v: dim if isinstance(v, Tensor) and v.dim() > (dim or 0) else None, value)
 
 
-def input_batch_dims(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+def time_major_parent(module: nn.Module) -> bool:
+    """A Transformer layer whose children all see time-major ``(T, B, ...)`` tensors."""
+    kinds = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    return isinstance(module, kinds) and not module.self_attn.batch_first  # the layer keeps it in its attention
+
+
+def input_batch_dims(module: nn.Module, args: tuple, kwargs: dict, batch_dim: int | None = None) -> Any:
     """A pytree like ``(args, kwargs)``: for each tensor the dimension that holds the samples, or None
-    for tensors shared by all samples (an attention mask)."""
+    for tensors shared by all samples (an attention mask). ``batch_dim``: the dimension every input
+    of the module keeps the samples in, where the parent's semantics say so (a time-major layer)."""
+    if batch_dim is not None and not isinstance(module, (nn.RNNBase, nn.MultiheadAttention)):
+        return pytree.tree_map(lambda v: batch_dim if isinstance(v, Tensor) and v.dim() > batch_dim else None,
+                               (args, kwargs))
     special = _special_dims(module)
     if special is None:
         if K.kernel_for(module) is not None:  # the built-in kernels read the first input only
@@ -93,9 +103,11 @@ def _special_dims(module: nn.Module) -> dict[str, int | None] | None:
     return None
 
 
-def output_batch_dims(module: nn.Module, output: Any) -> list[int | None]:
+def output_batch_dims(module: nn.Module, output: Any, batch_dim: int | None = None) -> list[int | None]:
     """For each tensor leaf of ``output``, the dimension that holds the samples."""
     leaves = pytree.tree_leaves(output)
+    if batch_dim is not None and not isinstance(module, (nn.RNNBase, nn.MultiheadAttention)):
+        return [batch_dim if isinstance(v, Tensor) and v.dim() > batch_dim else None for v in leaves]
     if isinstance(module, nn.RNNBase):
         first = 0 if module.batch_first else 1
         return [first] + [1] * (len(leaves) - 1)
@@ -271,8 +283,8 @@ def forward_hook(hooks: Any, layer: Any, module: nn.Module, args: tuple, kwargs:
             f"per sample: {why}. Leave it out with estimator.params.exclude: [{layer.path or ROOT!r}], or use the "
             f"'subsampled' estimator."
         )
-    in_dims = input_batch_dims(module, args, kwargs)
-    out_dims = output_batch_dims(module, output)
+    in_dims = input_batch_dims(module, args, kwargs, hooks.batch_dims.get(layer.path))
+    out_dims = output_batch_dims(module, output, hooks.batch_dims.get(layer.path))
     for v, d in zip(pytree.tree_leaves((args, kwargs)), pytree.tree_leaves(in_dims, is_leaf=lambda x: x is None),
                     strict=True):
         if isinstance(v, Tensor) and d is not None and (batch is None or v.shape[d] != batch):

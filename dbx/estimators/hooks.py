@@ -95,6 +95,9 @@ class Ownership:
     #: shared parameters measured anyway: every module using them goes through the generic fallback,
     #: whose per-sample gradients of each use are added up before squaring
     measured_shared: frozenset[int] = frozenset()
+    #: module path -> the dimension holding the samples, for modules inside a time-major
+    #: (``batch_first=False``) Transformer layer: dimension 1, from the parent's semantics
+    batch_dims: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,11 @@ def ownership(model: nn.Module, include: Sequence[str] | None, exclude: Sequence
     names: dict[int, str] = {}
     covered, uncovered = [], []
     claimed: list[str] = []  # modules measured as a whole with their children (MultiheadAttention)
+    time_major: list[str] = []  # Transformer layers with batch_first=False: their children see (T, B, ...)
+    batch_dims: dict[str, int] = {}
     for path, module in model.named_modules(remove_duplicate=True):
+        if FB.time_major_parent(module):
+            time_major.append(path)
         own = [(n, p) for n, p in module._parameters.items() if p is not None and p.requires_grad]
         for n, p in own:
             owners.setdefault(id(p), []).append(path)
@@ -135,7 +142,11 @@ def ownership(model: nn.Module, include: Sequence[str] | None, exclude: Sequence
         if not own or not picked:
             continue
         kernel = K.kernel_for(module)
-        if fallback.enabled and (kernel is None or matches(path, fallback.force)) and not matches(path, fallback.forbid):
+        inside = fallback.enabled and any(path.startswith(t + ".") for t in time_major)
+        if inside and not matches(path, fallback.forbid):
+            batch_dims[path] = 1
+        if fallback.enabled and (kernel is None or matches(path, fallback.force) or path in batch_dims) and not matches(
+                path, fallback.forbid):
             kernel = FB.fallback_kernel()
         if kernel is None:
             uncovered.append((path, module, own))
@@ -157,7 +168,7 @@ def ownership(model: nn.Module, include: Sequence[str] | None, exclude: Sequence
                    for path, module, kernel, params in covered]
         shared_ids = shared_ids - handled
     shared = [(names[i], owners[i]) for i in shared_ids]
-    return Ownership(covered, uncovered, shared, shared_ids, frozenset(handled))
+    return Ownership(covered, uncovered, shared, shared_ids, frozenset(handled), batch_dims)
 
 
 class _Reach(torch.autograd.Function):
@@ -223,6 +234,7 @@ class NormHooks:
         #: BatchNorm's per-sample weight terms from its running statistics, as the DiveBatch authors'
         #: code (BackPACK with BatchNorm in eval mode for the backward) computes them
         self.running_stats_bn = False
+        self.batch_dims: dict[str, int] = {}  # see ``Ownership.batch_dims``
         self.shared_sums: dict[int, Tensor] = {}  # id -> (B, *shape) per-sample gradient summed over its uses
         self.seconds = 0.0
         self.enabled = True
@@ -462,6 +474,7 @@ def build_hooks(model: nn.Module, *, include: Sequence[str] | None, exclude: Seq
     hooks = NormHooks(model, own.covered, form=form, estimator=estimator, fuse=fuse)
     hooks.generic_only = fallback.force
     hooks.shared = own.measured_shared
+    hooks.batch_dims = own.batch_dims
     return hooks, own
 
 

@@ -375,5 +375,6 @@ def watched_from(hooks: Any) -> list[Watched]:
         else:
             ids = {id(p) for p in layer.params}
             named = {n: p for n, p in layer.module._parameters.items() if p is not None and id(p) in ids}
-        watched.append(Watched(layer.path, layer.module, named, input_batch_dims))
+        dims = partial(input_batch_dims, batch_dim=hooks.batch_dims.get(layer.path))
+        watched.append(Watched(layer.path, layer.module, named, dims))
     return watched
