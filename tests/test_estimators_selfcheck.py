@@ -169,3 +169,17 @@ def main_cli():
     from dbx.cli import main
 
     return main
+
+
+def test_the_fused_weight_gradient_path_is_checked_against_the_unfused_gram_form(monkeypatch):
+    from dbx.estimators import kernels
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 64, 3))
+    assert kernels._conv_plan(model[0], torch.randn(1, 3, 8, 8), "auto", fused=True) == "explicit"
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 3, (6,))
+    one_step(model, x, y)  # a sound fused step passes
+    explicit = kernels._conv_explicit
+    monkeypatch.setattr(kernels, "_conv_explicit", lambda *a, **k: explicit(*a, **k) * 1.01)  # a 1% error
+    with pytest.raises(UserError, match=r"module '0' \(Conv2d\) from the fused weight-gradient path differ"):
+        one_step(model, x, y)

@@ -165,6 +165,7 @@ class ExactEstimator:
         if check is not None and check.recorded:
             try:
                 check.check_sums({id(p): p.grad for p in self._params})
+                check.check_fused_norms(rows)
                 check.check_batch_dims()
             finally:
                 check.disarm()

@@ -65,6 +65,7 @@ class Watched:
     input_batch_dims: Callable[[nn.Module, tuple, dict], Any]
     calls: list["_Call"] = field(default_factory=list)
     probe: list[list[tuple[Tensor, int]]] = field(default_factory=list)
+    layer: Any = None  # the hooks' ``Layer``
 
 
 @dataclass(eq=False)
@@ -194,6 +195,35 @@ class SelfCheck:
             tol = LOW_PRECISION_TOLERANCE if any(c.autocast for c in w.calls) else SUM_TOLERANCE
             if scale > 0 and diff > tol * scale:
                 self._fail_sum(w, name, diff / scale)
+        self.seconds += time.perf_counter() - start
+
+    def check_fused_norms(self, rows: Tensor | None) -> None:
+        """For layers whose weight gradient the kernel supplied (fused, explicit form), compare the
+        step's per-sample norms ``rows`` (layers, B) with the unfused Gram form of the same calls."""
+        if rows is None:
+            return
+        start = time.perf_counter()
+        with torch.no_grad():
+            for w in self.watched:
+                layer = w.layer
+                if layer is None or not getattr(layer, "fusable", False) or not w.calls:
+                    continue
+                calls = [c for c in w.calls if c.grads and c.grads[0] is not None]
+                if not calls:
+                    continue
+                xs = [c.args[0] if c.args else next(iter(c.kwargs.values())) for c in calls]
+                reference = layer.kernel.sq_norms(w.module, xs, [c.grads[0] for c in calls], "ghost",
+                                                  [False] * len(calls))
+                got = rows[layer.index]
+                scale = float(reference.double().norm())
+                diff = float((got.double() - reference.double()).norm())
+                if scale > 0 and diff > SUM_TOLERANCE * scale:
+                    raise EstimatorConfigError(
+                        f"estimator {self.estimator!r} self-check: the per-sample norms of module {display(w.path)!r} "
+                        f"({type(w.module).__name__}) from the fused weight-gradient path differ from the unfused "
+                        f"Gram form by {diff / scale:.3g} (relative). Set estimator.params.fuse_weight_grads: false, "
+                        f"and please report this model."
+                    )
         self.seconds += time.perf_counter() - start
 
     def _local_grads(self, w: Watched) -> dict[str, Tensor]:
@@ -376,5 +406,5 @@ def watched_from(hooks: Any) -> list[Watched]:
             ids = {id(p) for p in layer.params}
             named = {n: p for n, p in layer.module._parameters.items() if p is not None and id(p) in ids}
         dims = partial(input_batch_dims, batch_dim=hooks.batch_dims.get(layer.path))
-        watched.append(Watched(layer.path, layer.module, named, dims))
+        watched.append(Watched(layer.path, layer.module, named, dims, layer=layer))
     return watched
