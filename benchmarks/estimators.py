@@ -63,7 +63,7 @@ def _gpt():
             super().__init__()
             self.tokens = nn.Embedding(vocab, width)
             self.positions = nn.Embedding(length, width)
-            self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.1,
+            self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0,
                                                                    activation="gelu", batch_first=True,
                                                                    norm_first=True) for _ in range(depth))
             self.norm = nn.LayerNorm(width)
@@ -106,7 +106,7 @@ def build_model(name: str):
     from torch import nn
 
     torch.manual_seed(0)  # same initial weights for every method
-    if name == "gpt":  # embeddings, TransformerEncoderLayer blocks (causal, pre-norm, dropout 0.1), untied head
+    if name == "gpt":  # embeddings, TransformerEncoderLayer blocks (causal, pre-norm, no dropout), untied head
         return _gpt()
     if name == "lstm":  # dbx's lstm_classifier over (T, F) sequences
         return _lstm()

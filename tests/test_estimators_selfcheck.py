@@ -180,6 +180,6 @@ def test_the_fused_weight_gradient_path_is_checked_against_the_unfused_gram_form
     x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 3, (6,))
     one_step(model, x, y)  # a sound fused step passes
     explicit = kernels._conv_explicit
-    monkeypatch.setattr(kernels, "_conv_explicit", lambda *a, **k: explicit(*a, **k) * 1.01)  # a 1% error
+    monkeypatch.setattr(kernels, "_conv_explicit", lambda *a, **k: explicit(*a, **k) * 1.05)  # a 5% error
     with pytest.raises(UserError, match=r"module '0' \(Conv2d\) from the fused weight-gradient path differ"):
         one_step(model, x, y)

@@ -4,7 +4,8 @@ Its forward hands ``in_proj_weight`` and ``out_proj.weight`` to ``F.multi_head_a
 so no Linear module is ever called and the projections' inputs and output gradients stay inside
 that function. While the hooks are attached, a measured MultiheadAttention runs the same
 computation written out (the projections as ``F.linear``, attention through
-``F.scaled_dot_product_attention`` or, when the weights are asked for, explicitly) with gradient
+``F.scaled_dot_product_attention`` or, when the weights are asked for, explicitly; batch-first
+throughout, so that each sample's projections and gradients are contiguous) with gradient
 hooks on the projections' outputs: each projection is then a linear layer whose per-sample norms
 come from ``dbx.estimators.kernels.sum_outer_sq_norms`` (Gram or explicit form, the cheaper), and
 the module's norm is the sum over its four projections and biases. The masks (``attn_mask`` 2-d or
@@ -70,16 +71,17 @@ def _forward(hooks: Any, layer: Any, module: nn.MultiheadAttention, query: Tenso
     hooks._touched.append(layer)
     layer.calls += 1
     layer.fired = True
-    if module.batch_first:  # work time-major as PyTorch does; the kernels get batch-first views
+    if not module.batch_first:  # work batch-first: projections and their gradients contiguous per sample
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-    length, batch, embed = query.shape
+    batch, length, embed = query.shape
     heads, head_dim = module.num_heads, module.head_dim
-    source = key.shape[0]
+    source = key.shape[1]
     w, b = module.in_proj_weight, module.in_proj_bias
     record = partial(_projection_norms, hooks, layer)
     if module._qkv_same_embed_dim and query is key and key is value:
-        qkv = F.linear(query, w, b)
-        _watch(qkv, record, query, w, b)
+        fused = _fusing(hooks, query, w, b, length)
+        qkv = F.linear(query, w.detach() if fused else w, b)
+        _watch(qkv, record, query, w, b, fused)
         q, k, v = qkv.chunk(3, dim=-1)
     else:
         if module._qkv_same_embed_dim:
@@ -89,12 +91,12 @@ def _forward(hooks: Any, layer: Any, module: nn.MultiheadAttention, query: Tenso
         bq, bk, bv = b.chunk(3) if b is not None else (None, None, None)
         q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
         for out, x, weight in ((q, query, wq), (k, key, wk), (v, value, wv)):
-            _watch(out, record, x, weight, b)
+            _watch(out, record, x, weight, b)  # weights as chunks of a Parameter: not fused
     mask = _merged_mask(attn_mask, key_padding_mask, q.dtype, batch, heads, length, source, is_causal, need_weights)
     causal = is_causal and mask is None
-    q = q.reshape(length, batch * heads, head_dim).transpose(0, 1).view(batch, heads, length, head_dim)
-    k = k.reshape(source, batch * heads, head_dim).transpose(0, 1).view(batch, heads, source, head_dim)
-    v = v.reshape(source, batch * heads, head_dim).transpose(0, 1).view(batch, heads, source, head_dim)
+    q = q.reshape(batch, length, heads, head_dim).transpose(1, 2)  # (B, H, L, head_dim)
+    k = k.reshape(batch, source, heads, head_dim).transpose(1, 2)
+    v = v.reshape(batch, source, heads, head_dim).transpose(1, 2)
     dropout = module.dropout if module.training else 0.0
     weights = None
     if need_weights:
@@ -109,10 +111,12 @@ def _forward(hooks: Any, layer: Any, module: nn.MultiheadAttention, query: Tenso
         weights = probs.mean(1) if average_attn_weights else probs.view(batch, heads, length, source)
     else:
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
-    attended = attended.permute(2, 0, 1, 3).reshape(length, batch, embed)  # (L, B, E)
-    out = F.linear(attended, module.out_proj.weight, module.out_proj.bias)
-    _watch(out, record, attended, module.out_proj.weight, module.out_proj.bias)
-    if module.batch_first:
+    attended = attended.transpose(1, 2).reshape(batch, length, embed)  # (B, L, E)
+    wo, bo = module.out_proj.weight, module.out_proj.bias
+    fused = _fusing(hooks, attended, wo, bo, length)
+    out = F.linear(attended, wo.detach() if fused else wo, bo)
+    _watch(out, record, attended, wo, bo, fused)
+    if not module.batch_first:
         out = out.transpose(0, 1)
     return out, weights
 
@@ -140,28 +144,51 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return mask.to(dtype)
 
 
-def _watch(out: Tensor, record: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+def _fusing(hooks: Any, x: Tensor, weight: Tensor, bias: Tensor | None, positions: int) -> bool:
+    """Whether this projection runs with its weight detached, the kernel supplying its gradient from
+    the per-sample gradients it computes anyway (as for Linear layers: ``kernels._linear_plan``)."""
+    if not (hooks.fuse and weight.requires_grad and weight.is_leaf and hooks.form == "auto"):
+        return False
+    if not (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return False  # the output would leave the graph, and with it the hook
+    i, o = weight.shape[1], weight.shape[0]
+    return positions * positions * (i + o) > i * o * K.FUSED_ELEMENT_MACS.get(x.device.type, 64)
+
+
+def _watch(out: Tensor, record: Any, x: Tensor, weight: Tensor, bias: Tensor | None, fused: bool = False) -> None:
     if out.requires_grad:
-        out.register_hook(partial(record, x, weight.requires_grad, bias is not None and bias.requires_grad))
+        out.register_hook(partial(record, x, weight if fused else None, weight.requires_grad,
+                                  bias is not None and bias.requires_grad))
 
 
-def _projection_norms(hooks: Any, layer: Any, x: Tensor, with_weight: bool, with_bias: bool, grad: Tensor) -> None:
-    """Per-sample squared norms of one projection's weight (and bias) gradient, added to the layer's."""
+def _projection_norms(hooks: Any, layer: Any, x: Tensor, fused: Tensor | None, with_weight: bool, with_bias: bool,
+                      grad: Tensor) -> None:
+    """Per-sample squared norms of one projection's weight (and bias) gradient, added to the layer's;
+    for a ``fused`` weight, the batch sum of its per-sample gradients goes to its ``.grad``."""
     import time
 
     start = time.perf_counter()
-    a, g = x.transpose(0, 1), grad.transpose(0, 1)  # (B, T, in), (B, T, out)
+    a, g = x, grad  # (B, T, in), (B, T, out)
     n, t, i, o = a.shape[0], a.shape[1], a.shape[2], g.shape[2]
     device = g.device.type
     with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else _nothing():
         total = torch.zeros(n, dtype=K._acc(g), device=g.device)
-        if with_weight:
+        if fused is not None:
+            parts, batch = [], None
+            for s, e in K._chunks(n, 2 * i * o + t * (i + o), g.device):
+                per_sample = torch.bmm(K._f32(g[s:e]).mT, K._f32(a[s:e]))  # (b, out, in)
+                parts.append(K._sq(per_sample, (1, 2)))
+                batch = K._add_batch_sum(batch, per_sample.view(e - s, -1))
+            K.accumulate_grad(fused, batch)
+            total = total + K._cat(parts, 0)
+        elif with_weight:
             parts = [K.sum_outer_sq_norms(a[s:e], g[s:e], hooks.form) for s, e in K._chunks(n, K._outer_cost(t, i, o),
                                                                                            g.device)]
             total = total + K._cat(parts, 0)
         if with_bias:
             total = total + K._sq(g.sum(1, dtype=K._acc(g)), 1)
-    hooks._store(layer, total)
+    if hooks.enabled:
+        hooks._store(layer, total)
     hooks.seconds += time.perf_counter() - start
 
 

@@ -224,6 +224,7 @@ class NormHooks:
         self.model = model
         self.form = K.check_form(form)
         self.estimator = estimator
+        self.fuse = fuse  # rules of their own (MultiheadAttention) may supply weight gradients too
         self.layers = [Layer(path, module, kernel, i, params)
                        for i, (path, module, kernel, params) in enumerate(layers)]
         for layer in self.layers:
