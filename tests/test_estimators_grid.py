@@ -33,6 +33,12 @@ class Wrap(nn.Module):
             out = self.layer(x, x, x, **MHA_OPTIONS[self.kind[4:]](x, self.layer, self.time_major))[0]
         elif self.kind == "rnn":
             out = self.layer(x)[0]
+        elif self.kind == "rnn-hx":  # initial states from each sample's own data
+            layer = self.layer
+            first = x[0] if self.time_major else x[:, 0]  # (B, F)
+            h0 = torch.tanh(first[:, :1]).expand(-1, layer.hidden_size)
+            h0 = h0.unsqueeze(0).repeat(layer.num_layers * (2 if layer.bidirectional else 1), 1, 1)
+            out = layer(x, (h0, 0.5 * h0) if isinstance(layer, nn.LSTM) else h0)[0]
         elif self.kind == "sequence":
             t = x.shape[1 - int(self.time_major)]
             out = self.layer(x, src_mask=nn.Transformer.generate_square_subsequent_mask(t, dtype=x.dtype),
@@ -129,6 +135,12 @@ for cell, layers, bidirectional, batch_first, bias in itertools.product(
     name = f"{cell.__name__}-l{layers}-bi{bidirectional}-bf{batch_first}-b{bias}"
     CASES[name] = case(cell(3, 4, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first,
                             bias=bias), (6, 3), time_major=not batch_first, kind="rnn")
+for cell, batch_first in itertools.product((nn.RNN, nn.LSTM, nn.GRU), (True, False)):
+    CASES[f"{cell.__name__}-initial-state-bf{batch_first}"] = case(
+        cell(3, 4, num_layers=2, bidirectional=True, batch_first=batch_first), (6, 3), time_major=not batch_first,
+        kind="rnn-hx")
+CASES["RNN-relu"] = case(nn.RNN(3, 4, nonlinearity="relu", batch_first=True), (6, 3), kind="rnn")
+CASES["LSTM-proj-size"] = case(nn.LSTM(3, 4, proj_size=2, batch_first=True), (6, 3), kind="rnn")  # generic fallback
 for batch_first, bias, kv in itertools.product((True, False), (True, False), (False, True)):
     kw = {"kdim": 5, "vdim": 5} if kv else {}
     name = f"mha-bf{batch_first}-b{bias}-kv{kv}"
@@ -205,6 +217,20 @@ def test_layer_norms_equal_an_explicit_per_sample_loop(name):
         torch.testing.assert_close(norms.double(), expected, rtol=1e-8, atol=1e-12)
     for n, g in ours.grad_sum.items():
         torch.testing.assert_close(g.double(), sum(r[n] for r in rows), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["LSTM-l2-biTrue-bfTrue-bTrue", "GRU-l2-biTrue-bfFalse-bTrue",
+                                  "RNN-l1-biFalse-bfTrue-bFalse", "mha-padding-bfFalse", "encoder-layer-bfTrue-nfTrue"])
+def test_the_generic_fallback_agrees_where_a_rule_of_its_own_exists(name):
+    layer, shape, time_major, kind, extra, ints = CASES[name]
+    torch.manual_seed(0)
+    model = Wrap(layer.double(), time_major=time_major, kind=kind)
+    x = torch.randn(shape[0], *shape, dtype=torch.float64)
+    with torch.no_grad():
+        target = torch.randn(model(x).shape, dtype=torch.float64)
+    own = per_sample_sq_norms(model, projection_loss, x, target)
+    generic = per_sample_sq_norms(model, projection_loss, x, target, fallback_force=["*"])
+    torch.testing.assert_close(own.total, generic.total, rtol=1e-8, atol=1e-12)
 
 
 def owner(name, keys):

@@ -23,7 +23,8 @@ backward: running statistics in the weight terms, which then do not add up to S2
 ``weighting: authors`` reproduces their computation.
 
 Every module is measured by a dedicated kernel (``dbx.estimators.kernels``), by the rule for
-``nn.MultiheadAttention`` (``dbx.estimators.attention``) or by the generic per-module fallback
+``nn.MultiheadAttention`` (``dbx.estimators.attention``), by the rule for recurrent layers
+(``dbx.estimators.recurrent``) or by the generic per-module fallback
 (``dbx.estimators.fallback``), and the first step of every measuring epoch is self-checked
 (``dbx.estimators.selfcheck``): a model the hooks would measure wrongly is an error, never a number.
 
@@ -78,9 +79,9 @@ class ExactEstimator:
 
     Dedicated kernels: Linear (any leading dimensions), Conv1d, Conv2d (any stride, padding,
     padding mode, dilation, groups), BatchNorm1d/2d/3d, GroupNorm, LayerNorm, RMSNorm, InstanceNorm
-    (affine), Embedding (dense, without ``scale_grad_by_freq``); MultiheadAttention has its own rule
-    (``out_proj`` included); RNN/LSTM/GRU (``batch_first`` either way), Conv3d, ConvTranspose,
-    EmbeddingBag, PReLU, Bilinear and user layers go through the fallback, as do all uses of a
+    (affine), Embedding (dense, without ``scale_grad_by_freq``); MultiheadAttention (``out_proj``
+    included) and RNN/LSTM/GRU (``batch_first`` either way) have rules of their own; Conv3d,
+    ConvTranspose, EmbeddingBag, PReLU, Bilinear and user layers go through the fallback, as do all uses of a
     parameter shared by several modules (a tied LM head), whose per-sample gradients are added
     before squaring. Refused by name: modules that couple samples (BatchNorm in training mode inside
     a fallback module, dropout the fallback cannot repeat, ``scale_grad_by_freq``, packed

@@ -312,11 +312,15 @@ def _keep(call: FallbackCall, k: int, grad: Tensor) -> None:
 def register(hooks: Any, layer: Any) -> Any:
     """Put ``layer`` (a fallback layer) under the hooks; returns a handle with ``remove()``.
 
-    A MultiheadAttention gets its own rule (``dbx.estimators.attention``) unless a ``fallback_force``
-    pattern names it; everything else the generic forward hook."""
-    from dbx.estimators import attention
+    A MultiheadAttention and an RNN/LSTM/GRU get their own rules (``dbx.estimators.attention``,
+    ``dbx.estimators.recurrent``) unless a ``fallback_force`` pattern names them; everything else the
+    generic forward hook."""
+    from dbx.estimators import attention, recurrent
     from dbx.estimators.hooks import matches
 
-    if attention.supports(layer.module) and not matches(layer.path, hooks.generic_only):
+    special = not matches(layer.path, hooks.generic_only) and layer.path not in hooks.batch_dims
+    if special and attention.supports(layer.module):
         return attention.install(hooks, layer)
+    if special and recurrent.supports(layer.module):
+        return recurrent.install(hooks, layer)
     return layer.module.register_forward_hook(partial(forward_hook, hooks, layer), with_kwargs=True)
