@@ -259,6 +259,25 @@ def test_modules_that_couple_samples_keep_a_clear_error():
     assert (measured.total > 0).all()
 
 
+def test_packed_and_unbatched_inputs_are_refused_by_name():
+    from dbx.errors import UserError
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(3, 4, batch_first=True)
+
+        def forward(self, x):
+            lengths = torch.full((x.shape[0],), x.shape[1])
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True)
+            return self.rnn(packed)[1][0]
+
+    with pytest.raises(UserError, match=r"GRU 'rnn'.*PackedSequence"):
+        per_sample_sq_norms(Packed(), projection_loss, torch.randn(3, 5, 3), torch.randn(3, 4))
+    with pytest.raises(UserError, match=r"'rnn' \(GRU\).*PackedSequence"):  # the generic fallback: the same
+        per_sample_sq_norms(Packed(), projection_loss, torch.randn(3, 5, 3), torch.randn(3, 4), fallback_force=["rnn"])
+
+
 def test_loss_modules_are_accepted_like_functions():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.PReLU(), nn.Linear(5, 3))

@@ -56,12 +56,18 @@ def _forward(hooks: Any, layer: Any, module: nn.MultiheadAttention, query: Tenso
              average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
     from dbx.estimators.hooks import _transforms_active
 
-    if (not (hooks.enabled and torch.is_grad_enabled()) or _transforms_active() or query.dim() != 3
-            or query.is_nested):
+    from dbx.estimators.hooks import ROOT, EstimatorConfigError, display
+
+    if not (hooks.enabled and torch.is_grad_enabled()) or _transforms_active():
         return nn.MultiheadAttention.forward(module, query, key, value, key_padding_mask, need_weights, attn_mask,
                                              average_attn_weights, is_causal)
+    if query.dim() != 3 or query.is_nested:
+        raise EstimatorConfigError(
+            f"estimator {hooks.estimator!r} cannot measure the MultiheadAttention {display(layer.path)!r} per sample: "
+            f"its query is {'nested' if query.is_nested else f'unbatched (shape {tuple(query.shape)})'}. Leave it "
+            f"out with estimator.params.exclude: [{layer.path or ROOT!r}], or use the 'subsampled' estimator."
+        )
     if layer.calls:
-        from dbx.estimators.hooks import ROOT, EstimatorConfigError, display
 
         raise EstimatorConfigError(
             f"estimator {hooks.estimator!r}: the MultiheadAttention {display(layer.path)!r} is called more than once "

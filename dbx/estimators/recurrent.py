@@ -14,7 +14,8 @@ multiplies ``h W_hn^T + b_hn``). Each is a linear layer over T positions
 (``dbx.estimators.kernels.sum_outer_sq_norms``). ``batch_first`` both ways, several layers,
 bidirectional, initial states and dropout between layers (the step's own mask) behave as in
 PyTorch's forward; the self-check compares the gradients with PyTorch's own on the first step of
-every measuring epoch. ``proj_size`` and packed sequences go to the generic fallback.
+every measuring epoch. ``proj_size`` goes to the generic fallback; packed sequences and unbatched
+inputs are refused with a clear error.
 """
 from __future__ import annotations
 
@@ -57,11 +58,19 @@ def install(hooks: Any, layer: Any) -> _Installed:
 def _forward(hooks: Any, layer: Any, module: nn.RNNBase, original: Any, input: Any, hx: Any = None) -> Any:
     from dbx.estimators.hooks import _transforms_active
 
-    if (not (hooks.enabled and torch.is_grad_enabled()) or _transforms_active() or not isinstance(input, Tensor)
-            or input.dim() != 3):
+    from dbx.estimators.hooks import ROOT, EstimatorConfigError, display
+
+    if not (hooks.enabled and torch.is_grad_enabled()) or _transforms_active():
         return original(module, input, hx)
+    if not isinstance(input, Tensor) or input.dim() != 3:
+        what = "a PackedSequence (samples interleaved by length; pad the batch instead)" if not isinstance(
+            input, Tensor) else f"unbatched (shape {tuple(input.shape)})"
+        raise EstimatorConfigError(
+            f"estimator {hooks.estimator!r} cannot measure the {type(module).__name__} {display(layer.path)!r} per "
+            f"sample: its input is {what}. Leave it out with estimator.params.exclude: [{layer.path or ROOT!r}], or "
+            f"use the 'subsampled' estimator."
+        )
     if layer.calls:
-        from dbx.estimators.hooks import ROOT, EstimatorConfigError, display
 
         raise EstimatorConfigError(
             f"estimator {hooks.estimator!r}: the {type(module).__name__} {display(layer.path)!r} is called more than "
