@@ -54,9 +54,7 @@ def install(hooks: Any, layer: Any) -> _Installed:
 def _forward(hooks: Any, layer: Any, module: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
              key_padding_mask: Tensor | None = None, need_weights: bool = True, attn_mask: Tensor | None = None,
              average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
-    from dbx.estimators.hooks import _transforms_active
-
-    from dbx.estimators.hooks import ROOT, EstimatorConfigError, display
+    from dbx.estimators.hooks import ROOT, EstimatorConfigError, _transforms_active, display
 
     if not (hooks.enabled and torch.is_grad_enabled()) or _transforms_active():
         return nn.MultiheadAttention.forward(module, query, key, value, key_padding_mask, need_weights, attn_mask,

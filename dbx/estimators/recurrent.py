@@ -56,9 +56,7 @@ def install(hooks: Any, layer: Any) -> _Installed:
 
 
 def _forward(hooks: Any, layer: Any, module: nn.RNNBase, original: Any, input: Any, hx: Any = None) -> Any:
-    from dbx.estimators.hooks import _transforms_active
-
-    from dbx.estimators.hooks import ROOT, EstimatorConfigError, display
+    from dbx.estimators.hooks import ROOT, EstimatorConfigError, _transforms_active, display
 
     if not (hooks.enabled and torch.is_grad_enabled()) or _transforms_active():
         return original(module, input, hx)
