@@ -70,6 +70,7 @@ class Watched:
     calls: list["_Call"] = field(default_factory=list)
     probe: list[list[tuple[Tensor, int]]] = field(default_factory=list)
     layer: Any = None  # the hooks' ``Layer``
+    eager: dict[str, Tensor] = field(default_factory=dict)  # gradient sums computed during the backward
 
 
 @dataclass(eq=False)
@@ -120,6 +121,7 @@ class SelfCheck:
         for w in self.watched:
             w.calls.clear()
             w.probe.clear()
+            w.eager.clear()
 
     @property
     def armed(self) -> bool:
@@ -165,7 +167,7 @@ class SelfCheck:
         call.grads = [None] * len(outs)
         for k, o in enumerate(outs):
             if isinstance(o, Tensor) and o.requires_grad:
-                o.register_hook(partial(_keep_grad, call, k))
+                o.register_hook(partial(self._on_grad, w, call, k))
 
     # -- check 1: sums ------------------------------------------------------------------------
     def check_sums(self, grads: dict[int, Tensor | None], *, accumulated: bool = True) -> None:
@@ -236,39 +238,62 @@ class SelfCheck:
         self.seconds += time.perf_counter() - start
 
     def _local_grads(self, w: Watched) -> dict[str, Tensor]:
-        """Sum over the recorded calls of ``w`` of the gradient of its own parameters (vjp of the
-        module alone, from the call's inputs and its outputs' gradients)."""
-        from torch.func import functional_call, vjp
-
-        total: dict[str, Tensor] = {}
-        names = list(w.params)
+        """Sum over the recorded calls of ``w`` of the gradient of its own parameters: the parts
+        computed as the output gradients arrived (``_on_grad``), and those of calls whose gradients
+        were kept (fused layers, or where that failed)."""
+        total = dict(w.eager)
         for call in w.calls:
             if not any(g is not None for g in call.grads):
                 continue
-            fixed = {n: p.detach() for n, p in w.module.named_parameters() if n not in w.params}
-
-            def run(params: dict[str, Tensor], call: _Call = call, fixed: dict = fixed) -> list[Tensor]:
-                buffers = {n: b.detach().clone() for n, b in w.module.named_buffers()}  # updated in place by BN
-                out = functional_call(w.module, (params, fixed, buffers), call.args, call.kwargs)
-                leaves = pytree.tree_leaves(out)
-                return [leaf for leaf, g in zip(leaves, call.grads, strict=False) if g is not None]
-
-            primals = {n: w.params[n].detach() for n in names}
-            with torch.random.fork_rng(devices=[call.rng_device] if _is_cuda(call.rng_device) else []):
-                if _is_cuda(call.rng_device):
-                    torch.cuda.set_rng_state(call.rng, call.rng_device)
-                else:
-                    torch.set_rng_state(call.rng)
-                if call.autocast is not None:
-                    with torch.autocast(call.autocast[0], dtype=call.autocast[1]):
-                        outs, pull = vjp(run, primals)
-                else:
-                    outs, pull = vjp(run, primals)
-            cotangents = [g.to(o.dtype) for o, g in zip(outs, [g for g in call.grads if g is not None], strict=True)]
-            (pulled,) = pull(cotangents)
-            for n, g in pulled.items():
+            for n, g in self._vjp_of(w, call, call.grads).items():
                 total[n] = g if n not in total else total[n] + g
         return total
+
+    def _vjp_of(self, w: Watched, call: "_Call", grads: list[Tensor | None]) -> dict[str, Tensor]:
+        """The vjp of the module alone, at the call's inputs (random state and autocast as they were),
+        with ``grads`` for its output leaves (None: no gradient)."""
+        from torch.func import functional_call, vjp
+
+        fixed = {n: p.detach() for n, p in w.module.named_parameters() if n not in w.params}
+
+        def run(params: dict[str, Tensor]) -> list[Tensor]:
+            buffers = {n: b.detach().clone() for n, b in w.module.named_buffers()}  # updated in place by BN
+            out = functional_call(w.module, (params, fixed, buffers), call.args, call.kwargs)
+            leaves = pytree.tree_leaves(out)
+            return [leaf for leaf, g in zip(leaves, grads, strict=False) if g is not None]
+
+        primals = {n: p.detach() for n, p in w.params.items()}
+        with torch.random.fork_rng(devices=[call.rng_device] if _is_cuda(call.rng_device) else []):
+            if _is_cuda(call.rng_device):
+                torch.cuda.set_rng_state(call.rng, call.rng_device)
+            else:
+                torch.set_rng_state(call.rng)
+            if call.autocast is not None:
+                with torch.autocast(call.autocast[0], dtype=call.autocast[1]):
+                    outs, pull = vjp(run, primals)
+            else:
+                outs, pull = vjp(run, primals)
+        cotangents = [g.to(o.dtype) for o, g in zip(outs, [g for g in grads if g is not None], strict=True)]
+        (pulled,) = pull(cotangents)
+        return {n: g.detach() for n, g in pulled.items()}
+
+    def _on_grad(self, w: Watched, call: "_Call", k: int, grad: Tensor) -> None:
+        """An output gradient of a recorded call: its share of the module's gradient at once (the vjp
+        is linear in the output gradients), so that no output gradient is kept past its use; fused
+        layers keep theirs for ``check_fused_norms``."""
+        start = time.perf_counter()
+        kept = w.layer is not None and getattr(w.layer, "fusable", False)
+        if not kept:
+            try:
+                only = [grad if j == k else None for j in range(len(call.grads))]
+                for n, g in self._vjp_of(w, call, only).items():
+                    w.eager[n] = g if n not in w.eager else w.eager[n] + g
+                self.seconds += time.perf_counter() - start
+                return
+            except Exception:  # noqa: BLE001 - kept, and recomputed (and reported) at check time
+                pass
+        call.grads[k] = grad.detach() if call.grads[k] is None else call.grads[k] + grad.detach()
+        self.seconds += time.perf_counter() - start
 
     def _fail_unseen(self, w: Watched, name: str) -> None:
         where = display(w.path)
@@ -295,9 +320,12 @@ class SelfCheck:
     # -- check 2: batch dimension ---------------------------------------------------------------
     def check_batch_dims(self) -> None:
         """Rotate the recorded step's samples and check that every measured module's input rotates
-        along its batch dimension (two forwards without gradients, in eval mode)."""
+        along its batch dimension (two forwards in eval mode; run after the other checks, it frees
+        the recorded calls first)."""
         if self.inputs is None:
             return
+        for w in self.watched:  # the recorded calls' inputs are no longer needed: free them first
+            w.calls.clear()
         args, kwargs = self.inputs
         batch = _leading_size(args, kwargs)
         if batch is None or batch < 2:
@@ -353,10 +381,6 @@ class SelfCheck:
             f"Fix: give it a batch-first input, leave it out with estimator.params.exclude: [{w.path or ROOT!r}], "
             f"or use the 'subsampled' estimator."
         )
-
-
-def _keep_grad(call: _Call, k: int, grad: Tensor) -> None:
-    call.grads[k] = grad.detach() if call.grads[k] is None else call.grads[k] + grad.detach()
 
 
 def _qual(path: str, name: str) -> str:
