@@ -183,3 +183,30 @@ def test_the_fused_weight_gradient_path_is_checked_against_the_unfused_gram_form
     monkeypatch.setattr(kernels, "_conv_explicit", lambda *a, **k: explicit(*a, **k) * 1.05)  # a 5% error
     with pytest.raises(UserError, match=r"module '0' \(Conv2d\) from the fused weight-gradient path differ"):
         one_step(model, x, y)
+
+
+def test_an_input_changed_in_place_after_the_call_is_an_error_not_a_wrong_number():
+    class Gain(nn.Module):  # a user layer (the generic fallback) that saves a copy of its input
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return x.float() * self.gain
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = Gain()
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = x.double() * 2
+            y = self.gain(h)
+            h.mul_(0.5)  # allowed by autograd (nothing saved h itself); what the fallback reads changes
+            return self.head(y + h.float())
+
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with pytest.raises(UserError, match=r"input of module 'gain' \(Gain\) was modified in place"):
+        per_sample_sq_norms(InPlace(), F.cross_entropy, x, y)

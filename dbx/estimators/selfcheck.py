@@ -71,6 +71,9 @@ class Watched:
     probe: list[list[tuple[Tensor, int]]] = field(default_factory=list)
     layer: Any = None  # the hooks' ``Layer``
     eager: dict[str, Tensor] = field(default_factory=dict)  # gradient sums computed during the backward
+    #: an input of a call was modified in place after it: the kernels and the fallback, which read
+    #: the input at backward time, would measure the modified values (an error)
+    unverifiable: bool = False
 
 
 @dataclass(eq=False)
@@ -81,6 +84,12 @@ class _Call:
     rng_device: Any
     autocast: tuple[str, torch.dtype] | None
     grads: list[Tensor | None]
+    versions: list[int] = field(default_factory=list)  # of the input tensors, to notice in-place changes
+
+    def changed(self) -> bool:
+        """Whether an input was modified in place after the call (its recomputation would differ)."""
+        leaves = [v for v in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(v, Tensor)]
+        return [v._version for v in leaves] != self.versions
 
 
 class SelfCheck:
@@ -122,6 +131,7 @@ class SelfCheck:
             w.calls.clear()
             w.probe.clear()
             w.eager.clear()
+            w.unverifiable = False
 
     @property
     def armed(self) -> bool:
@@ -149,7 +159,8 @@ class SelfCheck:
         cast = None
         if device is not None and torch.is_autocast_enabled(device.type):
             cast = (device.type, torch.get_autocast_dtype(device.type))
-        w.calls.append(_Call(args, dict(kwargs), rng, device, cast, []))
+        versions = [v._version for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, Tensor)]
+        w.calls.append(_Call(args, dict(kwargs), rng, device, cast, [], versions))
 
     def _hook(self, w: Watched, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if _transforms_active():
@@ -179,6 +190,14 @@ class SelfCheck:
         owner: dict[int, tuple[Watched, str]] = {}
         for w in self.watched:
             local = {n: g.detach() for n, g in self._local_grads(w).items()}
+            if w.unverifiable:
+                raise EstimatorConfigError(
+                    f"estimator {self.estimator!r} self-check: an input of module {display(w.path)!r} "
+                    f"({type(w.module).__name__}) was modified in place after the module ran (e.g. h.mul_(...) on a "
+                    f"tensor the module received), so its per-sample gradients would be computed from the modified "
+                    f"values. Fix: make that operation out of place, leave the module out with "
+                    f"estimator.params.exclude: [{w.path or ROOT!r}], or use the 'subsampled' estimator."
+                )
             for name, p in w.params.items():
                 owner.setdefault(id(p), (w, name))
                 if name in local:
@@ -245,6 +264,9 @@ class SelfCheck:
         for call in w.calls:
             if not any(g is not None for g in call.grads):
                 continue
+            if call.changed():
+                w.unverifiable = True
+                continue
             for n, g in self._vjp_of(w, call, call.grads).items():
                 total[n] = g if n not in total else total[n] + g
         return total
@@ -282,6 +304,9 @@ class SelfCheck:
         is linear in the output gradients), so that no output gradient is kept past its use; fused
         layers keep theirs for ``check_fused_norms``."""
         start = time.perf_counter()
+        if call.changed():
+            w.unverifiable = True
+            return
         kept = w.layer is not None and getattr(w.layer, "fusable", False)
         if not kept:
             try:
