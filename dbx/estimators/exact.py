@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from dbx.protocols import DiversityEstimate
 
@@ -93,7 +93,7 @@ class ExactEstimator:
 
     def __init__(self, *, exclude: Sequence[str] = (), per_layer: bool = False, fuse_weight_grads: bool = True,
                  fallback: bool = True, fallback_force: Sequence[str] = (), fallback_forbid: Sequence[str] = (),
-                 weighting: str = "dbx") -> None:
+                 weighting: Literal["dbx", "authors"] = "dbx") -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"estimator.params.weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
         self.weighting = weighting
