@@ -204,8 +204,9 @@ def graphs_run(**extra):
 
 
 @pytest.mark.parametrize("extra", [{}, {"optimizer": {"name": "adamw", "lr": 1e-3}},
+                                   # epoch 2 measures eagerly between graphed epochs 1 and 3
                                    {"policy": {"name": "divebatch", "params": {"initial": 96, "max": 384,
-                                                                              "resize_every": 1}}},
+                                                                              "resize_every": 2}}},
                                    {"max_micro_batch": 48}],
                          ids=["sgd", "adamw-capturable", "measuring-epochs", "micro-batches"])
 def test_cuda_graphs_train_the_eager_runs_curves(exact_float32, extra):

@@ -135,6 +135,9 @@ class _Captured:
                                                     gradient, None, None)
             norm = torch.nn.utils.clip_grad_norm_(params, clip, error_if_nonfinite=False) if clip is not None else None
             parts.optimizer.step()  # no zero_grad: each replay's backward writes the gradients afresh
+        # The graph keeps its gradients' memory; dropping the Python references lets an eager step
+        # (a measuring epoch) start from no gradients, as it expects, instead of adding to the graph's.
+        parts.optimizer.zero_grad(set_to_none=True)
         return cls(graph, (static_inputs, static_targets, gradient), (loss, units, _cat(predictions), norm))
 
     def replay(self, inputs: torch.Tensor, targets: torch.Tensor, units: Any) -> tuple[Any, ...]:
