@@ -53,6 +53,9 @@ class ExactEstimator:
       such layer; training is unchanged. Off automatically under ``torch.distributed`` (whose
       gradient hooks expect autograd to produce every gradient); turn it off for
       ``create_graph=True`` backwards (higher-order gradients).
+    - ``kernel_path``: ``"auto"`` (default) lays the per-sample computations out for the device the
+      model is on; ``"cpu"`` or ``"cuda"`` forces that device's layout whatever the device (same
+      numbers: it is how the CUDA layout, few large operations, is tested and counted on a CPU).
 
     Supported modules with parameters: Linear (any leading dimensions), Conv1d, Conv2d (any
     stride, padding, padding mode, dilation, groups), BatchNorm1d/2d/3d, GroupNorm, LayerNorm,
@@ -64,9 +67,15 @@ class ExactEstimator:
 
     name = "exact"
 
-    def __init__(self, *, exclude: Sequence[str] = (), per_layer: bool = False, fuse_weight_grads: bool = True) -> None:
+    def __init__(self, *, exclude: Sequence[str] = (), per_layer: bool = False, fuse_weight_grads: bool = True,
+                 kernel_path: str = "auto") -> None:
+        from dbx.estimators.kernels import PATHS
+
         if isinstance(exclude, str):
             exclude = [exclude]
+        if kernel_path not in PATHS:
+            raise ValueError(f"kernel_path must be one of {', '.join(PATHS)}, got {kernel_path!r}")
+        self.kernel_path = kernel_path
         self.exclude = tuple(exclude)
         self.per_layer = per_layer
         self.fuse_weight_grads = fuse_weight_grads
@@ -93,7 +102,8 @@ class ExactEstimator:
         if self._hooks is not None:
             self.detach()
         fuse = self.fuse_weight_grads and not _distributed()
-        hooks, _ = build_hooks(model, include=self._include, exclude=self.exclude, estimator=self.name, fuse=fuse)
+        hooks, _ = build_hooks(model, include=self._include, exclude=self.exclude, estimator=self.name, fuse=fuse,
+                               path=self.kernel_path)
         self._hooks = hooks
         self._params = [p for layer in hooks.layers for p in layer.params]
         self._layer_of_param = [layer.index for layer in hooks.layers for _ in layer.params]

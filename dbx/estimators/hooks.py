@@ -19,6 +19,7 @@ weight gradient of those layers is simply computed once instead of twice.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import time
 from dataclasses import dataclass, field
@@ -168,9 +169,11 @@ class NormHooks:
     """
 
     def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Module, K.Kernel, list[nn.Parameter]]],
-                 *, form: str = "auto", estimator: str = "exact", fuse: bool = False) -> None:
+                 *, form: str = "auto", estimator: str = "exact", fuse: bool = False, path: str = "auto") -> None:
         self.model = model
         self.form = K.check_form(form)
+        self.path = K.check_path(path)  # the kernels' code path ("auto": the tensors' device type)
+        self._on_path = contextlib.nullcontext if path == "auto" else partial(K.use_path, path)
         self.estimator = estimator
         self.layers = [Layer(path, module, kernel, i, params)
                        for i, (path, module, kernel, params) in enumerate(layers)]
@@ -249,8 +252,9 @@ class NormHooks:
         x = args[0] if args else next(iter(kwargs.values()), None)
         if not isinstance(x, Tensor) or x.dim() == 0:
             return
-        if layer.kernel.plan(module, x, self.form, fused=True) != "explicit":
-            return
+        with self._on_path():
+            if layer.kernel.plan(module, x, self.form, fused=True) != "explicit":
+                return
         weight = module._parameters["weight"]
         layer.detached = weight
         module._parameters["weight"] = weight.detach()
@@ -299,10 +303,11 @@ class NormHooks:
 
     def _run(self, layer: Layer, ctxs: list, grads: list[Tensor], fused: list[bool]) -> Tensor:
         device = grads[0].device.type
-        if torch.is_autocast_enabled(device):  # norms in float32, whatever the surrounding context
-            with torch.autocast(device, enabled=False):
-                return layer.kernel.sq_norms(layer.module, ctxs, grads, self.form, fused)
-        return layer.kernel.sq_norms(layer.module, ctxs, grads, self.form, fused)
+        with self._on_path():
+            if torch.is_autocast_enabled(device):  # norms in float32, whatever the surrounding context
+                with torch.autocast(device, enabled=False):
+                    return layer.kernel.sq_norms(layer.module, ctxs, grads, self.form, fused)
+            return layer.kernel.sq_norms(layer.module, ctxs, grads, self.form, fused)
 
     def _flush(self, layer: Layer) -> None:
         if layer.pending:
@@ -356,7 +361,8 @@ class NormHooks:
 
 
 def build_hooks(model: nn.Module, *, include: Sequence[str] | None, exclude: Sequence[str], estimator: str,
-                form: str = "auto", allow_uncovered: bool = False, fuse: bool = False) -> tuple[NormHooks, Ownership]:
+                form: str = "auto", allow_uncovered: bool = False, fuse: bool = False,
+                path: str = "auto") -> tuple[NormHooks, Ownership]:
     """Check ``model`` and build hooks for its included parameter-owning modules.
 
     Raises ``EstimatorConfigError`` for parameters shared between modules, for unsupported
@@ -395,7 +401,7 @@ def build_hooks(model: nn.Module, *, include: Sequence[str] | None, exclude: Seq
             + (f" outside {list(exclude)}" if exclude else "")
             + f". Parameter-owning modules of this model: {_owner_listing(model)}"
         )
-    return NormHooks(model, own.covered, form=form, estimator=estimator, fuse=fuse), own
+    return NormHooks(model, own.covered, form=form, estimator=estimator, fuse=fuse, path=path), own
 
 
 def _owner_listing(model: nn.Module, limit: int = 12) -> str:

@@ -49,9 +49,11 @@ with the device.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
+import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -59,7 +61,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Kernel", "kernel_for", "supported_types", "CHUNK_ELEMENTS", "sum_outer_sq_norms"]
+__all__ = ["Kernel", "kernel_for", "supported_types", "CHUNK_ELEMENTS", "sum_outer_sq_norms", "use_path", "path_of",
+           "PATHS"]
+
+#: The code paths the kernels have: "cpu" and "cuda" differ in chunk sizes, in the cost model's
+#: per-element constants and in how some sums are laid out (few large operations on "cuda", where
+#: each one is a kernel launch; cache-sized pieces on "cpu"). "auto" takes the tensors' device type.
+PATHS = ("auto", "cpu", "cuda")
+
+_chosen = threading.local()  # .path: the path ``use_path`` set on this thread, or None
+
+
+def path_of(device: torch.device) -> str:
+    """The code path the kernels take for tensors on ``device``: its type, unless ``use_path`` chose one.
+
+    Choosing lets the CUDA path run (and be tested) on a CPU: same arithmetic, laid out as on a GPU.
+    """
+    return getattr(_chosen, "path", None) or device.type
+
+
+@contextlib.contextmanager
+def use_path(path: str):
+    """Within the block, on this thread, the kernels take code path ``path`` ("auto": the device's)."""
+    check_path(path)
+    previous = getattr(_chosen, "path", None)
+    _chosen.path = None if path == "auto" else path
+    try:
+        yield
+    finally:
+        _chosen.path = previous
 
 #: Upper bound on the scratch elements (float32) one kernel call allocates at a time, per device
 #: type; larger batches are processed in chunks of samples. On CPU small chunks stay in cache
@@ -117,7 +147,7 @@ def _cat(parts: list[Tensor], dim: int) -> Tensor:
 
 
 def _chunks(n: int, per_sample: int, device: torch.device) -> list[tuple[int, int]]:
-    size = max(1, CHUNK_ELEMENTS.get(device.type, 1 << 22) // max(1, per_sample))
+    size = max(1, CHUNK_ELEMENTS.get(path_of(device), 1 << 22) // max(1, per_sample))
     return [(s, min(n, s + size)) for s in range(0, n, size)]
 
 
@@ -213,7 +243,7 @@ def _linear_plan(module: nn.Linear, x: Tensor, form: str, fused: bool = False) -
     i, o = module.in_features, module.out_features
     if not fused:
         return outer_forms_used(t, i, o)
-    return "ghost" if t * t * (i + o) <= i * o * FUSED_ELEMENT_MACS.get(x.device.type, 64) else "explicit"
+    return "ghost" if t * t * (i + o) <= i * o * FUSED_ELEMENT_MACS.get(path_of(x.device), 64) else "explicit"
 
 
 def _linear_sq_norms(module: nn.Linear, xs: list[Tensor], gs: list[Tensor], form: str,
@@ -365,7 +395,7 @@ def _conv_plan(module: nn.Module, x: Tensor, form: str, fused: bool = False) -> 
     """The form for a call with input ``x``; ``fused``: if explicit, it would supply the weight gradient."""
     if form != "auto":
         return form
-    costs = conv_forms_cost(module, x.shape[2:], device_type=x.device.type)
+    costs = conv_forms_cost(module, x.shape[2:], device_type=path_of(x.device))
     explicit = costs["explicit_fused" if fused else "explicit"]
     return "ghost" if costs["ghost"] <= explicit else "explicit"
 
@@ -457,7 +487,7 @@ def _conv_ghost(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
     x, pad = _conv_padding(module, x)
     kernel, dilation, stride = tuple(module.kernel_size), tuple(module.dilation), tuple(module.stride)
     phases = _phases(tuple(x.shape[2:]), pad, kernel, dilation, stride, out_spatial)
-    one_reduction = x.device.type in TAPS_IN_ONE_REDUCTION
+    one_reduction = path_of(x.device) in TAPS_IN_ONE_REDUCTION
     # the largest phase Gram, and its padded copy when the taps are one reduction
     gram = max((math.prod(p.spatial) ** 2 * (4 if one_reduction else 1) for p in phases), default=0)
     parts = []
@@ -838,6 +868,12 @@ def kernel_for(module: nn.Module) -> Kernel | None:
             return None
         return kernel
     return None
+
+
+def check_path(path: str) -> str:
+    if path not in PATHS:
+        raise ValueError(f"kernel_path must be one of {PATHS}, got {path!r}")
+    return path
 
 
 def check_form(form: str) -> str:
