@@ -104,6 +104,7 @@ class ExactEstimator:
         fuse = self.fuse_weight_grads and not _distributed()
         hooks, _ = build_hooks(model, include=self._include, exclude=self.exclude, estimator=self.name, fuse=fuse,
                                path=self.kernel_path)
+        hooks.grouped = _grouped(self.kernel_path, model)
         self._hooks = hooks
         self._params = [p for layer in hooks.layers for p in layer.params]
         self._layer_of_param = [layer.index for layer in hooks.layers for _ in layer.params]
@@ -210,6 +211,15 @@ class ExactEstimator:
                 f"estimator.params.exclude: {[layer.path or ROOT for layer in missed[:8]]}, or use the "
                 f"'subsampled' estimator."
             )
+
+
+def _grouped(kernel_path: str, model: Any) -> bool:
+    """Whether the hooks compute layers of equal shapes together (``dbx.estimators.grouped``): on the
+    CUDA path, where a measuring step waits for its many small launches."""
+    if kernel_path != "auto":
+        return kernel_path == "cuda"
+    first = next(model.parameters(), None)
+    return first is not None and first.device.type == "cuda"
 
 
 def _distributed() -> bool:

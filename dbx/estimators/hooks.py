@@ -44,6 +44,14 @@ def _transforms_active() -> bool:
     return bool(check()) if check is not None else False
 
 
+def _no_autocast(like: Tensor) -> Any:
+    """Norms in float32, whatever autocast context surrounds the hooks."""
+    device = like.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
+
+
 class EstimatorConfigError(UserError):
     """The model cannot be measured by this estimator as configured (what, where, how to fix)."""
 
@@ -182,6 +190,12 @@ class NormHooks:
         self.batch: int | None = None  # leading dimension of the model's input in this forward
         self.seconds = 0.0
         self.enabled = True
+        #: hold the layers' inputs and output gradients until ``collect`` and compute layers of equal
+        #: shapes together (``dbx.estimators.grouped``): few large operations, for the CUDA path
+        self.grouped = False
+        self._queue: list[tuple[Layer, Any, Tensor, bool]] = []
+        self._blocks: list[tuple[list[int], Tensor]] = []  # (layer indices, their (k, B) rows)
+        self._orders: dict[tuple[int, ...], Tensor] = {}  # row order -> the permutation to layer order
         self._slots: list[Tensor | None] = [None] * len(self.layers)
         self._filled = 0
         self._touched: list[Layer] = []
@@ -227,6 +241,8 @@ class NormHooks:
         self._slots = [None] * len(self.layers)
         self._filled = 0
         self._touched = []
+        self._queue = []
+        self._blocks = []
         self.batch = None
 
     # -- hooks -------------------------------------------------------------------------------
@@ -293,7 +309,9 @@ class NormHooks:
         if not self.enabled and not fused:  # a fused call's weight gradient is owed in any case
             return
         start = time.perf_counter()
-        if layer.calls <= 1:
+        if layer.calls <= 1 and self.grouped and self.enabled:
+            self._queue.append((layer, ctx, grad, fused))  # computed with its group in ``collect``
+        elif layer.calls <= 1:
             self._store(layer, self._run(layer, [ctx], [grad], [fused]))
         else:  # a module used several times in one forward: its per-sample gradient is the sum
             layer.pending.append((ctx, fused, grad))
@@ -302,12 +320,57 @@ class NormHooks:
         self.seconds += time.perf_counter() - start
 
     def _run(self, layer: Layer, ctxs: list, grads: list[Tensor], fused: list[bool]) -> Tensor:
-        device = grads[0].device.type
-        with self._on_path():
-            if torch.is_autocast_enabled(device):  # norms in float32, whatever the surrounding context
-                with torch.autocast(device, enabled=False):
-                    return layer.kernel.sq_norms(layer.module, ctxs, grads, self.form, fused)
+        with self._on_path(), _no_autocast(grads[0]):
             return layer.kernel.sq_norms(layer.module, ctxs, grads, self.form, fused)
+
+    def _run_queue(self) -> None:
+        """The held layers, each group of equal keys in one computation (``grouped``), the rest alone."""
+        from dbx.estimators import grouped as G
+
+        queue, self._queue = self._queue, []
+        groups: dict[Any, list[tuple[Layer, Any, Tensor, bool]]] = {}
+        for entry in queue:
+            layer, ctx, grad, fused = entry
+            key = G.group_key(layer.module, ctx, grad, fused)
+            groups.setdefault(key if key is not None else ("alone", layer.index), []).append(entry)
+        for key, entries in groups.items():
+            layer, ctx, grad, fused = entries[0]
+            size = G.group_size(layer.module, ctx, grad, fused) if key[0] != "alone" else 1
+            for s in range(0, len(entries), max(1, size)):
+                part = entries[s:s + max(1, size)]
+                if len(part) == 1:
+                    layer, ctx, grad, fused = part[0]
+                    self._store(layer, self._run(layer, [ctx], [grad], [fused]))
+                    continue
+                with _no_autocast(part[0][2]):
+                    rows = G.grouped_sq_norms([e[0].module for e in part], [e[1] for e in part],
+                                              [e[2] for e in part], key, self.form)
+                self._blocks.append(([e[0].index for e in part], rows))
+
+    def _rows_in_layer_order(self, slots: list[Tensor | None]) -> Tensor:
+        """One (layers, B) tensor from the groups' blocks and the single layers' slots (zeros for
+        layers without a gradient): one concatenation and one gather, whatever the number of layers."""
+        parts = [rows for _, rows in self._blocks]
+        order = [i for indices, _ in self._blocks for i in indices]
+        singles = [i for i, s in enumerate(slots) if s is not None]
+        if singles:
+            parts.append(torch.stack([slots[i] for i in singles]))
+            order += singles
+        if len(order) < len(slots):
+            seen = set(order)
+            missing = [i for i in range(len(slots)) if i not in seen]
+            parts.append(parts[0].new_zeros(len(missing), parts[0].shape[1]))
+            order += missing
+        rows = torch.cat(parts) if len(parts) > 1 else parts[0]
+        key = tuple(order)
+        if key == tuple(range(len(slots))):
+            return rows
+        inverse = self._orders.get(key)
+        if inverse is None or inverse.device != rows.device:
+            inverse = torch.empty(len(order), dtype=torch.long)
+            inverse[torch.tensor(order)] = torch.arange(len(order))
+            inverse = self._orders[key] = inverse.to(rows.device)
+        return rows.index_select(0, inverse)
 
     def _flush(self, layer: Layer) -> None:
         if layer.pending:
@@ -331,20 +394,27 @@ class NormHooks:
         """
         start = time.perf_counter()
         self._restore_weights()
+        if self._queue:
+            with self._on_path():
+                self._run_queue()
         for layer in self._touched:
             if layer.pending:  # some calls' outputs got no gradient: they contributed nothing
                 self._flush(layer)
             layer.calls = 0
         self._touched = []
-        if self._filled == 0:
+        if self._filled == 0 and not self._blocks:
             self.reset()
             return None
         slots = self._slots
-        if self._filled < len(slots):
-            ref = next(s for s in slots if s is not None)
-            zero = torch.zeros_like(ref)
-            slots = [zero if s is None else s for s in slots]
-        rows = torch.stack(slots)
+        if self._blocks:
+            rows = self._rows_in_layer_order(slots)
+            self._blocks = []
+        else:
+            if self._filled < len(slots):
+                ref = next(s for s in slots if s is not None)
+                zero = torch.zeros_like(ref)
+                slots = [zero if s is None else s for s in slots]
+            rows = torch.stack(slots)
         self._slots = [None] * len(self.layers)
         self._filled = 0
         self.batch = None
