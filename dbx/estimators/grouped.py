@@ -70,7 +70,7 @@ def group_size(module: nn.Module, ctx: Any, grad: Tensor, fused: bool) -> int:
     per_layer = x.numel() + grad.numel()
     if fused:  # the per-sample weight gradients too
         per_layer += grad.shape[0] * module.weight.numel()
-    return GROUP_ELEMENTS.get(K.path_of(grad.device), 1 << 24) // max(1, per_layer)
+    return GROUP_ELEMENTS.get(K.path_of(grad.device), 1 << 24) // max(1, per_layer)  # 0: too large alone
 
 
 def grouped_sq_norms(modules: Sequence[nn.Module], ctxs: Sequence[Any], grads: Sequence[Tensor], key: tuple,
@@ -80,16 +80,19 @@ def grouped_sq_norms(modules: Sequence[nn.Module], ctxs: Sequence[Any], grads: S
     For fused calls the layers' batch weight gradients go to their ``.grad``, as the per-layer
     kernel does.
     """
-    g = len(modules)
-    grad = torch.stack(list(grads))
-    batch = grad.shape[1]
-    grad = grad.view(g * batch, *grad.shape[2:])
+    g, batch = len(modules), grads[0].shape[0]
+    grad = _stacked(grads)
     if key[0] == "batchnorm":
         return _batchnorm(modules[0], ctxs, grad, g, batch)
-    x = torch.stack(list(ctxs)).view(g * batch, *ctxs[0].shape[1:])
+    x = _stacked(ctxs)
     if not key[15]:  # not fused: the per-layer kernel, on a batch of G x B samples
         return K._conv_sq_norms(modules[0], [x], [grad], form).view(g, batch)
     return _conv_fused(modules, x, grad, g, batch)
+
+
+def _stacked(tensors: Sequence[Tensor]) -> Tensor:
+    """The (G x B, ...) concatenation of G (B, ...) tensors: one copy, none for a single tensor."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
 
 
 def _conv_fused(modules: Sequence[nn.Module], x: Tensor, grad: Tensor, g: int, batch: int) -> Tensor:
@@ -130,16 +133,16 @@ def _add_weight_grads(weights: list[Tensor], sums: Tensor) -> None:
 def _batchnorm(module: nn.Module, ctxs: Sequence[Any], grad: Tensor, g: int, batch: int) -> Tensor:
     """Per-sample norms of G training-mode BatchNorms: the weight and bias gradients of one batch
     norm over one sample whose channels are the G x B x C (layer, sample, channel) triples."""
-    x = torch.stack([c[0] for c in ctxs])
-    channels = x.shape[2]
+    x = _stacked([c[0] for c in ctxs])
+    channels = x.shape[1]
     n = g * batch
     stats = torch.stack([c[1] for c in ctxs] + [c[2] for c in ctxs]).to(grad.dtype)  # (2G, C)
-    stats = stats.view(2, g, 1, channels).expand(2, g, batch, channels).reshape(2, n * channels)
-    w, b = K._batchnorm_sample_grads(x.view(n, channels, -1), grad.view(n, channels, -1),
-                                     stats[0].view(n, channels), stats[1].view(n, channels))
-    total = K._sq(w, 1) if K._trainable(module, "weight") else None
-    if K._trainable(module, "bias"):
-        total = K._sq(b, 1) if total is None else total + K._sq(b, 1)
-    if total is None:
-        total = grad.new_zeros(n, dtype=K._acc(grad))
-    return total.view(g, batch)
+    stats = stats.view(2, g, 1, channels).expand(2, g, batch, channels).reshape(2, n, channels)
+    mean, invstd = stats.unbind(0)
+    w, b = K._batchnorm_sample_grads(x.view(n, channels, -1), grad.view(n, channels, -1), mean, invstd)
+    trainable = K._trainable(module, "weight"), K._trainable(module, "bias")
+    if all(trainable):  # both gradients' squares in one reduction
+        return K._sq(torch.stack([w, b], 1), (1, 2)).view(g, batch)
+    if any(trainable):
+        return K._sq(w if trainable[0] else b, 1).view(g, batch)
+    return grad.new_zeros(g, batch, dtype=K._acc(grad))

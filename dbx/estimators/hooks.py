@@ -335,10 +335,10 @@ class NormHooks:
             groups.setdefault(key if key is not None else ("alone", layer.index), []).append(entry)
         for key, entries in groups.items():
             layer, ctx, grad, fused = entries[0]
-            size = G.group_size(layer.module, ctx, grad, fused) if key[0] != "alone" else 1
+            size = G.group_size(layer.module, ctx, grad, fused) if key[0] != "alone" else 0
             for s in range(0, len(entries), max(1, size)):
                 part = entries[s:s + max(1, size)]
-                if len(part) == 1:
+                if size < 1:  # too large for one computation: the per-layer kernel works in chunks
                     layer, ctx, grad, fused = part[0]
                     self._store(layer, self._run(layer, [ctx], [grad], [fused]))
                     continue

@@ -229,7 +229,7 @@ def _trainable(module: nn.Module, name: str) -> bool:
 
 
 def _linear_positions(x: Tensor) -> int:
-    return x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
+    return math.prod(x.shape[1:-1]) if x.dim() > 1 else 1  # shape arithmetic: indexing would be an operation
 
 
 def _linear_plan(module: nn.Linear, x: Tensor, form: str, fused: bool = False) -> str:
@@ -491,7 +491,7 @@ def _conv_ghost(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
     # the largest phase Gram, and its padded copy when the taps are one reduction
     gram = max((math.prod(p.spatial) ** 2 * (4 if one_reduction else 1) for p in phases), default=0)
     parts = []
-    for s, e in _chunks(n, c_in * x[0, 0].numel() + groups * (gram + 3 * positions * positions), x.device):
+    for s, e in _chunks(n, c_in * math.prod(x.shape[2:]) + groups * (gram + 3 * positions * positions), x.device):
         b = e - s
         gram_a = None
         split = _split_phases(_f32(x[s:e]), stride) if len(phases) > 1 else None
@@ -569,7 +569,7 @@ def _conv_explicit(module: nn.Module, xs: list[Tensor], gs: list[Tensor], fused:
     prepared = [_conv_padding(module, x) for x in xs]
     weight_grad = torch.nn.grad.conv1d_weight if xs[0].dim() == 3 else torch.nn.grad.conv2d_weight
     size = c_out * cg * math.prod(kernel)
-    scratch = max(x[0].numel() + g[0].numel() for (x, _), g in zip(prepared, gs, strict=True))  # float32 copies
+    scratch = max(math.prod(x.shape[1:]) + math.prod(g.shape[1:]) for (x, _), g in zip(prepared, gs, strict=True))  # float32 copies
     parts, batch = [], None
     for s, e in _chunks(n, size * (2 if len(xs) > 1 else 1) + scratch, xs[0].device):
         b = e - s
