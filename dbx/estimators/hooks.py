@@ -395,7 +395,7 @@ class NormHooks:
         start = time.perf_counter()
         self._restore_weights()
         if self._queue:
-            with self._on_path():
+            with self._on_path(), torch.no_grad():  # as the kernels run inside the backward
                 self._run_queue()
         for layer in self._touched:
             if layer.pending:  # some calls' outputs got no gradient: they contributed nothing
