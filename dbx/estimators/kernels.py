@@ -95,8 +95,9 @@ def use_path(path: str):
 #: type; larger batches are processed in chunks of samples. On CPU small chunks stay in cache
 #: (with chunks of 4M elements, what the fused explicit form of ResNet-18's layer2 adds to the
 #: batch weight gradient was 20% to 2.3x larger than with chunks of 1M: benchmarks/estimator_kernels.py);
-#: on a GPU large chunks keep it busy.
-CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
+#: on a GPU large chunks keep it busy, and each chunk repeats every launch of the kernel (64M
+#: elements, 256 MB: ResNet-18's layers and groups of layers at B = 128 take one chunk each).
+CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
 
 #: "auto" picks the cheaper of the two forms per call; tests force one or the other.
 FORMS = ("auto", "ghost", "explicit")
@@ -494,8 +495,15 @@ def _conv_ghost(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
     for s, e in _chunks(n, c_in * math.prod(x.shape[2:]) + groups * (gram + 3 * positions * positions), x.device):
         b = e - s
         gram_a = None
-        split = _split_phases(_f32(x[s:e]), stride) if len(phases) > 1 else None
+        xc = _rows(x, s, e, n)
+        grams = _phase_grams(_f32(xc), stride, groups) if one_reduction and len(phases) > 1 else None
+        split = _split_phases(_f32(xc), stride) if len(phases) > 1 and grams is None else None
         for phase in phases:
+            if grams is not None:  # every phase's pixel Gram came from one product
+                gram_x = grams[_phase_index(phase, stride)]
+                taps = _tapped_sum(gram_x, phase.offsets, out_spatial)
+                gram_a = taps if gram_a is None else gram_a.add_(taps)
+                continue
             if split is not None:  # a view of the chunk's phases, copied once
                 pixels = split[(slice(None), *(p.start for p in phase.pixels))].reshape(b * groups, cg, -1)
             else:
@@ -506,13 +514,41 @@ def _conv_ghost(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
                 gram_a = taps if gram_a is None else gram_a.add_(taps)
             else:
                 gram_a = _add_taps(gram_x, phase, out_spatial, gram_a)
-        gs = _f32(g[s:e]).reshape(b * groups, og, positions)
+        gs = _f32(_rows(g, s, e, n)).reshape(b * groups, og, positions)
         gram_g = torch.bmm(gs.mT, gs)
         if gram_a is None:  # no tap reads a pixel of the input
             parts.append(gs.new_zeros(b))
             continue
         parts.append(torch.linalg.vecdot(gram_a.reshape(b * groups, -1), gram_g.flatten(1)).view(b, groups).sum(1))
     return _cat(parts, 0)
+
+
+def _rows(t: Tensor, s: int, e: int, n: int) -> Tensor:
+    """Rows s:e of ``t``, which has n rows: ``t`` itself when that is all of them (no operation)."""
+    return t if s == 0 and e == n else t[s:e]
+
+
+def _phase_grams(x: Tensor, stride: tuple[int, ...], groups: int) -> Tensor | None:
+    """(phases, N * groups, *phase, *phase): the pixel Gram matrices of every stride phase of ``x``
+    (N, C, *spatial), phases in row-major order of their residues, from one copy and one batched
+    product (the CUDA path: few launches); None unless each size divides by its stride."""
+    spatial = x.shape[2:]
+    if any(size % st for size, st in zip(spatial, stride, strict=True)):
+        return None
+    dims, (n, c) = len(spatial), x.shape[:2]
+    shape = [v for size, st in zip(spatial, stride, strict=True) for v in (size // st, st)]
+    order = (*(3 + 2 * d for d in range(dims)), 0, 1, *(2 + 2 * d for d in range(dims)))
+    phased = x.reshape(n, c, *shape).permute(order).reshape(math.prod(stride) * n * groups, c // groups, -1)
+    small = tuple(size // st for size, st in zip(spatial, stride, strict=True))
+    return torch.bmm(phased.mT, phased).view(math.prod(stride), n * groups, *small, *small)
+
+
+def _phase_index(phase: _Phase, stride: tuple[int, ...]) -> int:
+    """The position of ``phase`` in ``_phase_grams``' row-major order of residues."""
+    index = 0
+    for sl, st in zip(phase.pixels, stride, strict=True):
+        index = index * st + sl.start
+    return index
 
 
 def _split_phases(x: Tensor, stride: tuple[int, ...]) -> Tensor | None:
