@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dbx import registry
 from dbx.estimators import ExactEstimator, LayerwiseEstimator, per_sample_grads_func
 from dbx.estimators.opcount import OpCounter
 from dbx.models.resnet import resnet18_cifar
@@ -165,5 +166,8 @@ def test_cuda_path_equals_cpu_path_with_batchnorm_and_micro_batches(build):
 
 
 def test_kernel_path_must_be_a_known_path():
+    problems = registry.check_params("estimator", "exact", {"kernel_path": "tpu"})  # what dbx validate reports
+    assert [key for key, _ in problems] == [("kernel_path",)] and "'cuda'" in problems[0][1]
+    assert registry.check_params("estimator", "layerwise", {"kernel_path": "cuda"}) == []
     with pytest.raises(ValueError, match="kernel_path"):
         ExactEstimator(kernel_path="tpu")

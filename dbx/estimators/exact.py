@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from dbx.protocols import DiversityEstimate
 
@@ -68,7 +68,7 @@ class ExactEstimator:
     name = "exact"
 
     def __init__(self, *, exclude: Sequence[str] = (), per_layer: bool = False, fuse_weight_grads: bool = True,
-                 kernel_path: str = "auto") -> None:
+                 kernel_path: Literal["auto", "cpu", "cuda"] = "auto") -> None:
         from dbx.estimators.kernels import PATHS
 
         if isinstance(exclude, str):

@@ -12,7 +12,7 @@ hooked, which makes the measuring epoch nearly free, and modules outside them ne
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 from dbx.estimators.exact import ExactEstimator
 
@@ -30,7 +30,7 @@ class LayerwiseEstimator(ExactEstimator):
     name = "layerwise"
 
     def __init__(self, *, layers: Sequence[str] = ("*",), exclude: Sequence[str] = (),
-                 fuse_weight_grads: bool = True, kernel_path: str = "auto") -> None:
+                 fuse_weight_grads: bool = True, kernel_path: Literal["auto", "cpu", "cuda"] = "auto") -> None:
         super().__init__(exclude=exclude, per_layer=True, fuse_weight_grads=fuse_weight_grads, kernel_path=kernel_path)
         if isinstance(layers, str):
             layers = [layers]
