@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dbx import registry
-from dbx.estimators import ExactEstimator, LayerwiseEstimator, per_sample_grads_func
+from dbx.estimators import ExactEstimator, per_sample_grads_func
 from dbx.estimators.opcount import OpCounter
 from dbx.models.resnet import resnet18_cifar
 
@@ -134,11 +134,13 @@ class Mixed(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-@pytest.mark.parametrize("build", [
-    lambda: resnet18_cifar(num_classes=10, input_shape=(3, 16, 16)),
-    lambda: Mixed(),
-], ids=["resnet18_cifar", "mixed"])
-def test_cuda_path_equals_cpu_path_with_batchnorm_and_micro_batches(build):
+@pytest.mark.parametrize("build, params", [
+    (lambda: resnet18_cifar(num_classes=10, input_shape=(3, 16, 16)), {}),
+    (lambda: Mixed(), {}),
+    (lambda: Mixed(), {"weighting": "authors"}),  # BatchNorm terms from running statistics: not grouped
+    (lambda: Mixed(), {"fallback_force": ["conv"]}),  # a convolution measured by the fallback: not grouped
+], ids=["resnet18_cifar", "mixed", "mixed-authors", "mixed-fallback"])
+def test_cuda_path_equals_cpu_path_with_batchnorm_and_micro_batches(build, params):
     torch.manual_seed(0)
     model = build()
     if isinstance(model, Mixed):
@@ -149,7 +151,7 @@ def test_cuda_path_equals_cpu_path_with_batchnorm_and_micro_batches(build):
         torch.manual_seed(1)
         trained = copy.deepcopy(model)
         optimizer = torch.optim.SGD(trained.parameters(), lr=0.05, momentum=0.9)
-        estimator = LayerwiseEstimator(kernel_path=path)
+        estimator = ExactEstimator(kernel_path=path, per_layer=True, **params)
         estimator.attach(trained)
         for _ in range(3):
             x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
@@ -171,3 +173,6 @@ def test_kernel_path_must_be_a_known_path():
     assert registry.check_params("estimator", "layerwise", {"kernel_path": "cuda"}) == []
     with pytest.raises(ValueError, match="kernel_path"):
         ExactEstimator(kernel_path="tpu")
+    from dbx.estimators import LayerwiseEstimator
+
+    assert LayerwiseEstimator(kernel_path="cuda").kernel_path == "cuda"

@@ -124,8 +124,8 @@ def _add_weight_grads(weights: list[Tensor], sums: Tensor) -> None:
     rows = sums.unbind(0)
     have = [(w.grad, r) for w, r in zip(weights, rows, strict=True) if w.grad is not None]
     for w, r in zip(weights, rows, strict=True):
-        if w.grad is None:
-            w.grad = r  # a view of ``sums``: one buffer for the group's gradients
+        if w.grad is None:  # a view of ``sums`` (one buffer for the group), or a copy in the weight's layout
+            w.grad = r if w.is_contiguous() else torch.empty_like(w).copy_(r)
     if have:
         torch._foreach_add_([h for h, _ in have], [r for _, r in have])
 
