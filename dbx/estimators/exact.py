@@ -46,6 +46,9 @@ __all__ = ["ExactEstimator", "WEIGHTINGS"]
 #: "authors" (the DiveBatch authors' computation: see ``ExactEstimator``)
 WEIGHTINGS = ("dbx", "authors")
 
+#: steps whose sums wait before ``ExactEstimator._fold`` adds them (bounded: each is a (layers,) tensor)
+FOLD_STEPS = 64
+
 
 class ExactEstimator:
     """Exact per-sample gradient diversity over a measuring epoch (online, from the training steps).
@@ -118,8 +121,12 @@ class ExactEstimator:
 
     def _reset_sums(self) -> None:
         self._sum_sq = None  # (layers,) float64: sum over samples of per-layer ||g_i||^2
-        self._step_sq = None  # (layers,) float64: the current optimizer step's share, added in on_step
+        self._step_parts: list[tuple[Any, Any]] = []  # this step's (row sums, loss_scale) per backward
         self._step_samples = 0
+        self._waiting: list[Any] = []  # steps' (layers,) sums not yet added to ``_sum_sq`` (``_fold``)
+        self._divisors: list[float] = []  # what each waiting sum is still to be divided by
+        self._counts: list[int] = []  # each waiting step's samples
+        self._finite: Any = None  # 0-d bool: whether the last step added at once had finite norms
         self._sum_grad: list[Any] = []  # float32 copies of the parameters: sum over samples of g_i
         self._samples = None  # 0-d int64 on the device: samples of the steps counted
         self._seconds = 0.0
@@ -152,7 +159,6 @@ class ExactEstimator:
         self._reset_sums()
         device = self._params[0].device
         self._sum_sq = torch.zeros(len(hooks.layers), dtype=torch.float64, device=device)
-        self._step_sq = torch.zeros_like(self._sum_sq)
         self._samples = torch.zeros((), dtype=torch.long, device=device)
         self._sum_grad = [torch.zeros_like(p, dtype=torch.float32) for p in self._params]
         hooks.attach()
@@ -168,8 +174,8 @@ class ExactEstimator:
         batch = hooks.batch
         start = time.perf_counter()
         rows = hooks.collect()  # (layers, B): squared norms of loss_scale * g_i
-        if rows is not None:
-            self._step_sq.add_(rows.sum(1, dtype=torch.float64) / (loss_scale * loss_scale))
+        if rows is not None:  # divided by loss_scale**2 in ``on_step`` (a single backward: in ``_fold``)
+            self._step_parts.append((rows.sum(1, dtype=torch.float64), loss_scale))
             self._step_samples += batch if batch is not None else rows.shape[1]
         check = self._selfcheck
         if check is not None and check.recorded:
@@ -195,26 +201,81 @@ class ExactEstimator:
         start = time.perf_counter()
         if not self._checked:
             self._check_hooks_saw_all_uses()
-        finite = torch.isfinite(self._step_sq).all()
-        step_sq = self._step_sq
+        parts, self._step_parts = self._step_parts, []
+        if isinstance(loss_scale, torch.Tensor) or self.weighting != "dbx":
+            loss_scale = self._add_step_now(parts, loss_scale)
+        else:  # the plain step: its sums wait, to be masked and added many steps at a time
+            if len(parts) == 1:
+                self._waiting.append(parts[0][0])
+                self._divisors.append(parts[0][1] * parts[0][1])
+            elif parts:  # micro-batches: each one's sum divided first, as the sums were always formed
+                self._waiting.append(self._step_sum(parts))
+                self._divisors.append(1.0)
+            if parts:
+                self._counts.append(self._step_samples)
+            self._step_samples = 0
+            if len(self._waiting) >= FOLD_STEPS:
+                self._fold()
+        sums, grads = self._sum_grad, [p.grad for p in self._params]
+        if any(g is None for g in grads):  # parameters that took no part in this step
+            pairs = [(s, g) for s, g in zip(sums, grads, strict=True) if g is not None]
+            sums, grads = [s for s, _ in pairs], [g for _, g in pairs]
+        if grads and isinstance(loss_scale, torch.Tensor):
+            finite = self._finite
+            for total, grad in zip(sums, grads, strict=True):
+                total.add_(torch.where(finite, grad / loss_scale, 0.0))
+        elif grads:
+            torch._foreach_add_(sums, grads, alpha=1.0 / loss_scale)
+        self._seconds += time.perf_counter() - start
+
+    @staticmethod
+    def _step_sum(parts: list[tuple[Any, Any]]) -> Any:
+        """A step's (layers,) sums: each backward's row sums over its loss_scale**2, added up."""
+        total = None
+        for rows, scale in parts:
+            part = rows / (scale * scale)
+            total = part if total is None else total.add_(part)
+        return total
+
+    def _add_step_now(self, parts: list[tuple[Any, Any]], loss_scale: Any) -> Any:
+        """A step with a GradScaler's scale (its summed gradient is masked with the same flag) or the
+        authors' weighting: masked and added at once. Returns the scale of the step's summed gradient."""
+        import torch
+
+        step_sq = self._step_sum(parts) if parts else torch.zeros_like(self._sum_sq)
+        finite = torch.isfinite(step_sq).all()
         if self.weighting == "authors" and self._step_samples:
             # the authors' statistic is of the step's mean loss: sample i weighs 1 / (its step's samples)
             step_sq = step_sq / float(self._step_samples) ** 2
             loss_scale = loss_scale * self._step_samples
         self._sum_sq.add_(torch.where(finite, step_sq, 0.0))
         self._samples.add_(finite.long() * self._step_samples)
-        self._step_sq.zero_()
         self._step_samples = 0
-        sums, grads = self._sum_grad, [p.grad for p in self._params]
-        if any(g is None for g in grads):  # parameters that took no part in this step
-            pairs = [(s, g) for s, g in zip(sums, grads, strict=True) if g is not None]
-            sums, grads = [s for s, _ in pairs], [g for _, g in pairs]
-        if grads and isinstance(loss_scale, torch.Tensor):
-            for total, grad in zip(sums, grads, strict=True):
-                total.add_(torch.where(finite, grad / loss_scale, 0.0))
-        elif grads:
-            torch._foreach_add_(sums, grads, alpha=1.0 / loss_scale)
-        self._seconds += time.perf_counter() - start
+        self._finite = finite
+        return loss_scale
+
+    def _fold(self) -> None:
+        """Add the waiting steps' sums to ``_sum_sq``, each step left out if any of its sums is not
+        finite (a skipped step), in a handful of operations instead of a dozen per step. The result
+        is the one of adding them one by one: the same divisions, and on the CPU a cumulative sum
+        along the steps adds them in order (elsewhere they are added one by one)."""
+        import torch
+
+        if not self._waiting:
+            return
+        device = self._sum_sq.device
+        steps = torch.stack(self._waiting)
+        steps = steps.div_(torch.tensor(self._divisors, dtype=torch.float64, device=device).unsqueeze(1))
+        finite = torch.isfinite(steps).all(1)
+        steps = torch.where(finite.unsqueeze(1), steps, 0.0)
+        if device.type == "cpu":
+            self._sum_sq = torch.cat([self._sum_sq.unsqueeze(0), steps]).cumsum(0)[-1]
+        else:
+            for row in steps:
+                self._sum_sq.add_(row)
+        counts = torch.tensor(self._counts, dtype=torch.long, device=device)
+        self._samples.add_(finite.long().mul_(counts).sum())
+        self._waiting, self._divisors, self._counts = [], [], []
 
     def estimate(self, model: Any, loss_fn: Callable[..., Any], data: Any) -> DiversityEstimate:
         import torch
@@ -224,6 +285,7 @@ class ExactEstimator:
             return DiversityEstimate(value=math.nan, samples=0, seconds=0.0)
         hooks = self._hooks
         n_layers = len(hooks.layers)
+        self._fold()
         # square().sum() in float64, not _foreach_norm: on CPU that accumulates naively (1e-4 off at 1M entries)
         param_sq = torch.stack([s.square().sum(dtype=torch.float64) for s in self._sum_grad])
         index = torch.tensor(self._layer_of_param, device=param_sq.device)

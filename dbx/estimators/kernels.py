@@ -250,6 +250,8 @@ def _linear_plan(module: nn.Linear, x: Tensor, form: str, fused: bool = False) -
 def _linear_sq_norms(module: nn.Linear, xs: list[Tensor], gs: list[Tensor], form: str,
                      fused: list[bool] | None = None) -> Tensor:
     n = gs[0].shape[0]
+    if len(xs) == 1 and _linear_positions(xs[0]) == 1 and not (fused and fused[0]):
+        return _linear_rank_one(module, xs[0], gs[0])
     total = None
     if _trainable(module, "weight"):
         if fused and any(fused):
@@ -271,6 +273,18 @@ def _linear_sq_norms(module: nn.Linear, xs: list[Tensor], gs: list[Tensor], form
         bias = _sq(gb, 1)
         total = bias if total is None else total + bias
     return total if total is not None else gs[0].new_zeros(n, dtype=_acc(gs[0]))
+
+
+def _linear_rank_one(module: nn.Linear, x: Tensor, g: Tensor) -> Tensor:
+    """One call with one position per sample (an MLP's layers, every step of a small model): the
+    per-sample weight gradient is the outer product g_i a_i^T, its squared norm |a_i|^2 |g_i|^2, and
+    the bias's is |g_i|^2, the same factor: computed once (the general path's numbers, in 5 operations)."""
+    n = g.shape[0]
+    g_sq = _sq(g.reshape(n, -1), 1)
+    total = _sq(x.reshape(n, -1), 1) * g_sq if _trainable(module, "weight") else None
+    if _trainable(module, "bias"):
+        total = g_sq if total is None else total + g_sq
+    return total if total is not None else g.new_zeros(n, dtype=_acc(g))
 
 
 def _linear_explicit(module: nn.Linear, xs: list[Tensor], gs: list[Tensor], fused: list[bool]) -> Tensor:
