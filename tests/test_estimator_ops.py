@@ -61,12 +61,13 @@ def test_cuda_path_measuring_step_dispatches_at_most_twice_the_ops_of_a_plain_st
 
 
 class SmallConvNet(nn.Module):
-    """Stages of equal convolutions (groups), strided 3x3 and 1x1 convolutions, biases, a classifier."""
+    """Stages of equal convolutions (groups; "same" padding too), strided 3x3 and 1x1 convolutions,
+    biases, a classifier."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.stage1 = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1, bias=False) for _ in range(3))
+        self.stage1 = nn.ModuleList(nn.Conv2d(8, 8, 3, padding="same", bias=False) for _ in range(3))
         self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
         self.shortcut = nn.Conv2d(8, 16, 1, stride=2, bias=False)
         self.down2 = nn.Conv2d(16, 16, 3, stride=2, padding=1, bias=False)

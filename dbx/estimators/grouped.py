@@ -54,7 +54,7 @@ def group_key(module: nn.Module, ctx: Any, grad: Tensor, fused: bool) -> tuple |
             return None
         return ("conv", type(module), module.in_channels, module.out_channels, module.kernel_size, module.stride,
                 module.dilation, module.groups, module.padding, module.padding_mode,
-                module._reversed_padding_repeated_twice, tuple(x.shape), tuple(grad.shape), x.dtype, x.device,
+                tuple(module._reversed_padding_repeated_twice), tuple(x.shape), tuple(grad.shape), x.dtype, x.device,
                 fused, trainable)
     if isinstance(module, _BN_TYPES):
         x, mean, invstd = ctx
