@@ -263,7 +263,7 @@ def _linear_sq_norms(module: nn.Linear, xs: list[Tensor], gs: list[Tensor], form
             if t == 1:
                 total = _sq(a[:, 0], 1) * _sq(g[:, 0], 1)
             else:
-                parts = [sum_outer_sq_norms(a[s:e], g[s:e], form) for s, e in _chunks(n, _outer_cost(t, i, o), a.device)]
+                parts = [sum_outer_sq_norms(_rows(a, s, e, n), _rows(g, s, e, n), form) for s, e in _chunks(n, _outer_cost(t, i, o), a.device)]
                 total = _cat(parts, 0)
     if _trainable(module, "bias"):
         gb = None
@@ -280,8 +280,8 @@ def _linear_rank_one(module: nn.Linear, x: Tensor, g: Tensor) -> Tensor:
     per-sample weight gradient is the outer product g_i a_i^T, its squared norm |a_i|^2 |g_i|^2, and
     the bias's is |g_i|^2, the same factor: computed once (the general path's numbers, in 5 operations)."""
     n = g.shape[0]
-    g_sq = _sq(g.reshape(n, -1), 1)
-    total = _sq(x.reshape(n, -1), 1) * g_sq if _trainable(module, "weight") else None
+    g_sq = _sq(g if g.dim() == 2 else g.reshape(n, -1), 1)  # a reshape to its own shape is still an operation
+    total = _sq(x if x.dim() == 2 else x.reshape(n, -1), 1) * g_sq if _trainable(module, "weight") else None
     if _trainable(module, "bias"):
         total = g_sq if total is None else total + g_sq
     return total if total is not None else g.new_zeros(n, dtype=_acc(g))
@@ -296,8 +296,8 @@ def _linear_explicit(module: nn.Linear, xs: list[Tensor], gs: list[Tensor], fuse
     for s, e in _chunks(n, 2 * i * o + t * (i + o), xs[0].device):
         per_sample = None
         for x, y, f in zip(xs, gs, fused, strict=True):
-            a = _f32(x[s:e].reshape(e - s, -1, i))
-            g = _f32(y[s:e].reshape(e - s, -1, o))
+            a = _f32(_rows(x, s, e, n).reshape(e - s, -1, i))
+            g = _f32(_rows(y, s, e, n).reshape(e - s, -1, o))
             grads = torch.bmm(g.mT, a)  # (b, out, in)
             per_sample = grads if per_sample is None else per_sample + grads
             if f:
@@ -626,10 +626,10 @@ def _conv_explicit(module: nn.Module, xs: list[Tensor], gs: list[Tensor], fused:
         per_sample = None
         for (x, pad), g, f in zip(prepared, gs, fused, strict=True):
             if _pointwise(kernel, pad):
-                grads = _pointwise_sample_grads(x[s:e], g[s:e], stride, groups)
+                grads = _pointwise_sample_grads(_rows(x, s, e, n), _rows(g, s, e, n), stride, groups)
             else:
-                xc = _f32(x[s:e]).reshape(1, b * c_in, *x.shape[2:])
-                gc = _f32(g[s:e]).reshape(1, b * c_out, *g.shape[2:])
+                xc = _f32(_rows(x, s, e, n)).reshape(1, b * c_in, *x.shape[2:])
+                gc = _f32(_rows(g, s, e, n)).reshape(1, b * c_out, *g.shape[2:])
                 grads = weight_grad(xc, (b * c_out, cg, *kernel), gc, stride=stride, padding=pad,
                                     dilation=dilation, groups=b * groups).view(b, size)
             per_sample = grads if per_sample is None else per_sample + grads

@@ -448,8 +448,10 @@ def _batched(t: Any, batch: int) -> bool:
 
 
 def _close(a: Tensor, b: Tensor) -> bool:
+    if torch.equal(a, b):  # the usual case for a model's first layers (their input is the data): one pass
+        return True
     if not a.is_floating_point():
-        return bool(torch.equal(a, b))
+        return False
     scale = float(a.abs().max()) if a.numel() else 0.0
     return bool(torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5 * max(scale, 1e-30)))
 
