@@ -88,6 +88,8 @@ class Layer:
     fusable: bool = False  # may run with the weight detached, its gradient supplied by the kernel
     detached: Tensor | None = None  # the Parameter while a call runs with its weight detached
     groupable: bool = False  # held until ``collect`` and computed with layers of its shape (``grouped``)
+    #: (input shape, device, code path) -> the kernel's plan for a fused call: asked once per batch shape, not every step
+    plans: dict[tuple[Any, ...], str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -347,9 +349,13 @@ class NormHooks:
         x = args[0] if args else next(iter(kwargs.values()), None)
         if not isinstance(x, Tensor) or x.dim() == 0:
             return
-        with self._on_path():
-            if layer.kernel.plan(module, x, self.form, fused=True) != "explicit":
-                return
+        key = (x.shape, x.device, self.path if self.path != "auto" else K.path_of(x.device))
+        plan = layer.plans.get(key)
+        if plan is None:
+            with self._on_path():
+                plan = layer.plans[key] = layer.kernel.plan(module, x, self.form, fused=True)
+        if plan != "explicit":
+            return
         weight = module._parameters["weight"]
         layer.detached = weight
         module._parameters["weight"] = weight.detach()
