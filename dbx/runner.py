@@ -33,25 +33,39 @@ def run_one(spec: Any, *, uri: str, experiment: str | None = None, say: Say = pr
     Input errors (device, store, data, plugin construction) raise ``UserError`` before any run
     exists. A failure during training marks the run FAILED and raises ``RunFailed``; Ctrl-C marks
     it KILLED and returns exit code 130.
+
+    Under torchrun every rank calls this; rank 0 alone opens the MLflow run (tagged with the world
+    size, the backend and each rank's device), prints and writes checkpoints.
     """
-    from dbx import tracking
+    from dbx import distributed, tracking
+    from dbx.distributed import ranks
     from dbx.store import check_store
     from dbx.train.checkpoint import check_folder
     from dbx.train.parts import build_parts
 
+    distributed.setup()
+    say = ranks.rank0_only(say)
     device, label = _device(spec)
-    check_store(uri)
-    if spec.checkpoint.enabled:  # a folder that cannot be written fails now, not after epoch 1
-        check_folder(tracking.checkpoint_base(uri, spec.checkpoint.dir))
+    lead = distributed.rank() == 0
+    if lead:
+        check_store(uri)
+        if spec.checkpoint.enabled:  # a folder that cannot be written fails now, not after epoch 1
+            check_folder(tracking.checkpoint_base(uri, spec.checkpoint.dir))
     parts = build_parts(spec, device)
+    topology = ranks.topology_tags(device)
     run_name = run_name or f"{spec.name}-seed{spec.seed}"
     from mlflow.exceptions import MlflowException
 
-    try:
-        tracked = tracking.open_run(spec, uri=uri, experiment=experiment, run_name=run_name, device_label=label,
-                                    plugins=describe_plugins(spec), parent_run_id=parent_run_id)
-    except MlflowException as exc:
-        raise UserError(f"MLflow store {uri} refused the run: {exc.message}") from exc
+    tracked: Any = None
+    if lead:
+        try:
+            tracked = tracking.open_run(spec, uri=uri, experiment=experiment, run_name=run_name, device_label=label,
+                                        plugins=describe_plugins(spec), parent_run_id=parent_run_id)
+        except MlflowException as exc:
+            raise UserError(f"MLflow store {uri} refused the run: {exc.message}") from exc
+        tracked.set_tags(topology)
+    run_id = ranks.from_rank0(tracked.run_id if lead else None)
+    tracked = tracked or ranks.SilentRun(run_id, uri)
     intro = [f"run {run_name} ({tracked.run_id}) on {label}",
              f"tracking: {uri}   browse with: {tracking.ui_command(uri)}",
              f"data: {parts.train_loader.num_samples} training samples; model: {spec.model.name} "
@@ -161,16 +175,19 @@ def _restart(run: Any, *, uri: str, device: str | None, force: bool, say: Say) -
 def _device(spec: Any) -> tuple[Any, str]:
     import torch
 
+    from dbx.distributed import rank_device, world_size
     from dbx.train.device import device_name, resolve_device
 
-    device = resolve_device(spec.device)
-    return device, f"{device.type} ({device_name(device)}), torch {torch.__version__}"
+    device = rank_device(resolve_device(spec.device))
+    spread = f", {world_size()} processes" if world_size() > 1 else ""
+    return device, f"{device.type} ({device_name(device)}), torch {torch.__version__}{spread}"
 
 
 def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say, *, intro: Sequence[str] = ()) -> RunResult:
     """Run the loop with end-of-epoch checkpoints; close the MLflow run with the right status,
     whatever happens from the moment it exists."""
-    from dbx import faults, stopping, tracking
+    from dbx import distributed, faults, stopping, tracking
+    from dbx.distributed.failures import failure_elsewhere, report_failure
     from dbx.train.drift import RecordedPolicy
     from dbx.train.loop import RunState, fit
 
@@ -190,15 +207,24 @@ def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say, *, intro: 
             say(line)
         if fresh:
             tracked.log_params(derived_params(parts))
-        if spec.checkpoint.enabled:
+        if spec.checkpoint.enabled and distributed.rank() == 0:  # rank 0 writes every checkpoint
             folder = tracking.checkpoint_folder(tracked.uri, spec.checkpoint.dir, tracked.run_id)
             tracked.set_tags({"dbx.checkpoint.dir": str(folder)})
+        if spec.checkpoint.enabled:
             parts.policy = RecordedPolicy(parts.policy, spec.policy.name)  # its last decision goes in the checkpoint
         faults.hold("run-open")
         summary = fit(spec, parts, tracked, say=say, state=state, on_epoch_end=on_epoch_end)
         faults.hold("before-close")
     except KeyboardInterrupt:
         stopping.handled()
+        elsewhere = failure_elsewhere()  # torchrun stops every rank when one fails
+        if elsewhere is not None:
+            failure = {"reason": "rank_failed", "rank": elsewhere["rank"],
+                       "message": f"rank {elsewhere['rank']}: {elsewhere['message']}"}
+            with stopping.closing():
+                _close(tracked, state, "FAILED", say, history=state.history, step=state.epoch,
+                       failure={**failure, "epoch": state.epoch + 1})
+            raise RunFailed(failure["message"], reason="rank_failed", epoch=state.epoch + 1) from None
         with stopping.closing():
             _close(tracked, state, "KILLED", say, step=state.epoch,
                    failure={"reason": "interrupted", "epoch": state.epoch + 1})
@@ -206,17 +232,37 @@ def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say, *, intro: 
                 + (resume_hint if folder is not None else ""))
         return RunResult(130, tracked.run_id)
     except RunFailed as exc:
+        report_failure(str(exc))
+        failure = _failure_of_the_job({"reason": exc.reason, "message": str(exc), "epoch": exc.epoch,
+                                       "step": exc.step}, failure_elsewhere())
         with stopping.closing():
-            _close(tracked, state, "FAILED", say, history=state.history, step=state.epoch,
-                   failure={"reason": exc.reason, "message": str(exc), "epoch": exc.epoch, "step": exc.step})
+            _close(tracked, state, "FAILED", say, history=state.history, step=state.epoch, failure=failure)
+        if failure.get("rank") is not None and failure["rank"] != distributed.rank():
+            raise RunFailed(failure["message"], reason=failure["reason"], epoch=exc.epoch) from exc
         raise
     except Exception as exc:
         failure = _blame(exc, spec, parts)
+        report_failure(failure["message"])
+        failure = _failure_of_the_job(failure, failure_elsewhere())
         with stopping.closing():
             _close(tracked, state, "FAILED", say, history=state.history, step=state.epoch,
                    failure={**failure, "epoch": state.epoch + 1})
         raise RunFailed(failure["message"], reason=failure["reason"], epoch=state.epoch + 1) from exc
     return _close_finished(spec, tracked, state, say, summary)
+
+
+def _failure_of_the_job(mine: dict[str, Any], elsewhere: dict[str, Any] | None) -> dict[str, Any]:
+    """The failure the run is closed with: the first rank's that recorded one (under torchrun a
+    rank's error often makes the others' collectives fail after it), with its rank in the message;
+    in one process, this process's own."""
+    from dbx.distributed import rank, world_size
+
+    if world_size() == 1:
+        return mine
+    if elsewhere is not None and elsewhere["rank"] != rank():
+        return {"reason": "rank_failed", "rank": elsewhere["rank"],
+                "message": f"rank {elsewhere['rank']}: {elsewhere['message']}"}
+    return {**mine, "rank": rank(), "message": f"rank {rank()}: {mine['message']}"}
 
 
 def _close_finished(spec: Any, tracked: Any, state: Any, say: Say, summary: Any = None) -> RunResult:
@@ -259,7 +305,13 @@ def derived_params(parts: Any) -> dict[str, Any]:
     the store alone: the training-set size n (DiveBatch's ``delta * n * diversity``), the test-set
     size, the number of processes that share each batch, and the model's size."""
     return {"dbx.train_size": parts.train_loader.num_samples, "dbx.test_size": parts.test_loader.num_samples,
-            "dbx.world_size": 1, "dbx.model_parameters": sum(p.numel() for p in parts.model.parameters())}
+            "dbx.world_size": _world_size(), "dbx.model_parameters": sum(p.numel() for p in parts.model.parameters())}
+
+
+def _world_size() -> int:
+    from dbx.distributed import world_size
+
+    return world_size()
 
 
 def _save_checkpoint(folder: Any, spec: Any, parts: Any, state: Any, run_id: str) -> None:

@@ -20,6 +20,13 @@ statistics included) times sample i's own input, and for BatchNorm's affine para
 gradient, so S2 is consistent with S1. They are not the gradients of independent single-sample
 forwards; models without BatchNorm (or with it in eval mode) have no such ambiguity.
 
+Under torchrun (DDP) each rank adds the norms of its own samples, and ``estimate`` sums the
+per-layer totals over the ranks with one all-reduce; ``S2`` is read from ``.grad`` after DDP's
+all-reduce, so it is the whole global batch's. Without BatchNorm the value is the one a single
+process computes over the same global batches. With BatchNorm the batch statistics are each
+rank's share's (unless ``model.sync_batchnorm``, which this estimator's hooks do not support), so
+the per-sample terms are those of the per-rank batches.
+
 Micro-batching and the loss reduction are handled exactly: a micro-batch's backward carries
 ``loss_scale * sum_i loss_i``, so the hooks' norms are divided by ``loss_scale**2`` and the summed
 gradient by ``loss_scale``; the result is the same whatever the split.
@@ -162,8 +169,9 @@ class ExactEstimator:
         index = torch.tensor(self._layer_of_param, device=param_sq.device)
         layer_sq_of_sum = torch.zeros(n_layers, dtype=torch.float64, device=param_sq.device)
         layer_sq_of_sum.index_add_(0, index, param_sq)
-        both = torch.stack([self._sum_sq, layer_sq_of_sum])
-        sum_sq, sq_of_sum, samples = torch.cat([both.sum(1), self._samples.view(1)]).tolist()  # the one sync
+        own = _summed_over_ranks(self._sum_sq, self._samples)  # the one all-reduce under torchrun
+        both = torch.stack([own[:-1], layer_sq_of_sum])
+        sum_sq, sq_of_sum, samples = torch.cat([both.sum(1), own[-1:]]).tolist()  # the one sync
         per_layer: dict[str, float] = {}
         if self.per_layer:
             for layer, (s1, s2) in zip(hooks.layers, both.T.tolist(), strict=True):
@@ -200,6 +208,17 @@ class ExactEstimator:
                 f"estimator.params.exclude: {[layer.path or ROOT for layer in missed[:8]]}, or use the "
                 f"'subsampled' estimator."
             )
+
+
+def _summed_over_ranks(sum_sq: Any, samples: Any) -> Any:
+    """``[per-layer sums of ||g_i||^2..., samples]`` over every rank's samples: one all-reduce of
+    ``layers + 1`` numbers per measuring epoch. (The summed gradient needs none: DDP's all-reduced
+    ``.grad`` is already the whole batch's.) In one process, the same vector without communication."""
+    import torch
+
+    from dbx.distributed import sum_across_ranks
+
+    return sum_across_ranks(torch.cat([sum_sq, samples.view(1).to(sum_sq.dtype)]))
 
 
 def _distributed() -> bool:

@@ -19,6 +19,8 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from dbx.distributed import global_units, sum_across_ranks
+from dbx.distributed.ddp import accumulating
 from dbx.errors import RunFailed
 from dbx.protocols import DiversityEstimate, EpochState
 from dbx.train import throughput
@@ -198,11 +200,15 @@ def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, o
     The step back-propagates ``loss_scale * sum_i loss_i``, with ``loss_scale`` one over the
     logical batch's samples (or counted tokens: ``Task.units``), so the update is that of the
     batch's mean loss however it is split into micro-batches, and the estimator divides the same
-    ``loss_scale`` out. With ``clip``, the gradient's global norm is clipped to it after the
+    ``loss_scale`` out. Under torchrun each rank runs this on its slice of every batch, with
+    ``loss_scale`` over the whole global batch: DDP sums the ranks' gradients (``dbx.distributed``),
+    so the step is the same as in one process. With ``clip``, the gradient's global norm is clipped to it after the
     estimator has read the step (its statistic is of the unclipped per-sample gradients) and
     before the optimizer steps; under fp16 the gradients are unscaled first.
     """
     model, optimizer, task, scaler = parts.model, parts.optimizer, parts.task, parts.scaler
+    net = parts.net if parts.net is not None else model  # DDP under torchrun
+    loader = parts.train_loader
     model.train()
     params = [p for p in model.parameters() if p.requires_grad] if clip is not None else []
     loss_sum = torch.zeros((), device=parts.device)
@@ -211,32 +217,33 @@ def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, o
     first_bad = torch.full((), -1, device=parts.device, dtype=torch.long)
     units: int | torch.Tensor = 0  # samples, or counted tokens, of the steps taken
     seen = steps = skipped = 0
-    for inputs, targets in parts.train_loader:
-        batch = inputs.shape[0]
-        step_units = task.units(targets)
+    for inputs, targets in loader:
+        batch = loader.global_batch(steps)  # every rank's share of the step together
+        step_units = global_units(task.units(targets), inputs.shape[0], batch)
         loss_scale = 1.0 / step_units  # the step's loss is the mean over the logical batch
-        if max_micro_batch and batch > max_micro_batch:
-            chunks = zip(inputs.split(max_micro_batch), targets.split(max_micro_batch))
+        if max_micro_batch and inputs.shape[0] > max_micro_batch:
+            chunks = list(zip(inputs.split(max_micro_batch), targets.split(max_micro_batch)))
         else:
-            chunks = ((inputs, targets),)
+            chunks = [(inputs, targets)]
         step_loss = torch.zeros((), device=parts.device)
         step_correct = torch.zeros((), device=parts.device, dtype=torch.long)
         # fp16 multiplies the loss by the GradScaler's factor; the estimator must divide it out
         grad_scale = _scale_on_device(scaler, parts.device) if scaler is not None and estimator is not None else 1.0
-        for x, y in chunks:
-            with parts.autocast():
-                outputs = model(x)
-            loss = task.loss_fn(outputs.float(), y, reduction="sum")
-            if scaler is not None:
-                scaler.scale(loss * loss_scale).backward()
-            else:
-                (loss * loss_scale).backward()
+        for chunk, (x, y) in enumerate(chunks):
+            with accumulating(net, more_chunks=chunk < len(chunks) - 1):  # DDP: all-reduce at the last
+                with parts.autocast():
+                    outputs = net(x)
+                loss = task.loss_fn(outputs.float(), y, reduction="sum")
+                if scaler is not None:
+                    scaler.scale(loss * loss_scale).backward()
+                else:
+                    (loss * loss_scale).backward()
             if estimator is not None:
                 estimator.on_backward(loss_scale * grad_scale)
             step_loss += loss.detach()
             if task.has_accuracy:
                 step_correct += task.correct(outputs.detach(), y)
-        if skip_nonfinite and not torch.isfinite(step_loss).item():
+        if skip_nonfinite and not torch.isfinite(sum_across_ranks(step_loss.clone())).item():  # all ranks agree
             optimizer.zero_grad(set_to_none=True)
             if estimator is not None:  # drops the step's non-finite norms; no gradients to add
                 estimator.on_step(loss_scale * grad_scale)
@@ -264,7 +271,8 @@ def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, o
         steps += 1
         on_step()
     units = torch.as_tensor(units, dtype=torch.float64, device=parts.device)
-    totals = torch.stack([loss_sum.double(), correct.double(), norm_sum.double(), units, first_bad.double()])
+    shared = sum_across_ranks(torch.stack([loss_sum.double(), correct.double()]))  # the ranks' shares
+    totals = torch.stack([shared[0], shared[1], norm_sum.double(), units, first_bad.double()])
     total_loss, total_correct, total_norm, total_units, bad = totals.tolist()  # the epoch's one sync
     total_units = max(total_units, 1.0)
     return TrainedEpoch(
@@ -276,7 +284,8 @@ def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, o
 @torch.no_grad()
 def evaluate(parts: Parts) -> tuple[float, float | None, float | None]:
     """Mean loss, accuracy and token cross-entropy (sequence tasks; else None) on the test split,
-    in eval mode. Means are per sample, or per counted token for sequences."""
+    in eval mode. Means are per sample, or per counted token for sequences. Under torchrun each rank
+    evaluates its slice of each batch and the sums are added over the ranks."""
     model, task = parts.model, parts.task
     model.eval()
     loss_sum = torch.zeros((), device=parts.device)
@@ -293,10 +302,13 @@ def evaluate(parts: Parts) -> tuple[float, float | None, float | None]:
         if task.has_accuracy:
             correct += task.correct(outputs, targets)
         units = units + task.units(targets)
-    count = max(float(units), 1.0)
-    accuracy = correct.item() / count if task.has_accuracy else None
-    nll = nll_sum.item() / count if task.kind == "sequence" else None
-    return loss_sum.item() / count, accuracy, nll
+    units = torch.as_tensor(units, dtype=torch.float64, device=parts.device)
+    sums = sum_across_ranks(torch.stack([loss_sum.double(), nll_sum.double(), correct.double(), units]))
+    total_loss, total_nll, total_correct, total_units = sums.tolist()
+    count = max(total_units, 1.0)
+    accuracy = total_correct / count if task.has_accuracy else None
+    nll = total_nll / count if task.kind == "sequence" else None
+    return total_loss / count, accuracy, nll
 
 
 def summarize(spec: Any, state: RunState) -> Summary:
