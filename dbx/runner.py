@@ -78,13 +78,68 @@ def resume_run(run_id: str, *, tracking_uri: str | None = None, device: str | No
     """Continue run ``run_id`` in the same MLflow run: from its newest intact checkpoint, or from
     the beginning when it has none (it was killed in its first epoch; its start is fully
     determined by the resolved spec it logged). A run whose checkpoints hold every epoch (it was
-    killed while closing) gets what the store lacks and is closed FINISHED."""
-    from dbx import tracking
-    from dbx.store import check_store
-    from dbx.train.checkpoint import check_folder, check_payload, load_latest, remove_stale_temporaries
+    killed while closing) gets what the store lacks and is closed FINISHED.
+
+    Under torchrun every rank calls this, with any number of ranks: rank 0 reads the store and
+    tells the others which checkpoint to load (a shared folder); the global batches, and so the
+    result on the CPU, do not depend on the number of ranks."""
+    from dbx import distributed, tracking
+    from dbx.distributed import ranks
+    from dbx.train.checkpoint import check_folder, check_payload, read_checkpoint, remove_stale_temporaries
     from dbx.train.parts import build_parts
 
+    distributed.setup()
+    say = ranks.rank0_only(say)
+    lead = distributed.rank() == 0
     uri = tracking.resolve_tracking_uri(tracking_uri)
+    plan = _resume_plan(uri, run_id, force, say) if lead else None
+    payload = plan.pop("payload") if lead else None  # the other ranks read the file themselves
+    plan = ranks.from_rank0(plan)
+    if plan["checkpoint"] is None:
+        return _restart(plan, uri=uri, device=device, force=force, say=say)
+    path = plan["checkpoint"]
+    payload = payload if payload is not None else read_checkpoint(path)
+    data = check_payload(path, payload)["spec"]
+    if device:
+        data = {**data, "device": device}
+    from dbx.spec import spec_from_dict
+
+    spec = spec_from_dict(data, source=f"the spec saved in {path.name}")
+    device_, label = _device(spec)
+    folder = plan["folder"]
+    if lead:
+        check_folder(folder, what=f"the checkpoint folder of run {run_id}")
+    parts = build_parts(spec, device_)
+    topology = ranks.topology_tags(device_)
+    state, drift = _restore(spec, parts, path, payload)
+    if state.epoch >= spec.epochs and plan["status"] == "FINISHED":
+        raise UserError(f"run {run_id} has finished; there is nothing to resume. Start a new one with dbx run.")
+    if lead:
+        for stale in remove_stale_temporaries(folder):
+            say(f"removed {stale.name}, left by a checkpoint write that never finished")
+        tracked: Any = tracking.reopen_run(uri, run_id, state.history, force=force)
+        tracked.set_tags(topology)
+    else:
+        tracked = ranks.SilentRun(run_id, uri)
+    if state.epoch >= spec.epochs:
+        say(f"run {plan['run_name']} ({run_id}) had trained all {spec.epochs} epochs when it stopped; "
+            f"logging what the store lacked and closing it")
+        return _close_finished(spec, tracked, state, say).exit_code
+    say(f"resuming run {plan['run_name']} ({run_id}) after epoch {state.epoch}, from {path}, on {label}")
+    for message in drift:
+        say(f"WARNING: {message}")
+    if drift:
+        tracked.set_tags({"dbx.resume.warning": " | ".join(drift)[:5000]})
+    return _train(spec, parts, tracked, state, say).exit_code
+
+
+def _resume_plan(uri: str, run_id: str, force: bool, say: Say) -> dict[str, Any]:
+    """What rank 0 learns from the store before a resume: the run's name, status and checkpoint
+    folder, its newest intact checkpoint (None if it has none) and, without one, its logged spec."""
+    from dbx import tracking
+    from dbx.store import check_store
+    from dbx.train.checkpoint import load_latest
+
     check_store(uri)
     run = tracking.find_run(uri, run_id)
     tracking.check_resumable(run, force=force)
@@ -94,37 +149,18 @@ def resume_run(run_id: str, *, tracking_uri: str | None = None, device: str | No
         latest = load_latest(folder) if folder else None
     for warning in skipped:
         say(f"warning: {warning.message}")
-    finished = UserError(f"run {run_id} has finished; there is nothing to resume. Start a new one with dbx run.")
+    plan: dict[str, Any] = {"run_name": run.info.run_name, "status": run.info.status, "folder": folder,
+                            "checkpoint": None, "spec": None, "payload": None}
     if latest is None:
         if run.info.status == "FINISHED":
-            raise finished
-        return _restart(run, uri=uri, device=device, force=force, say=say)
-    path, payload = latest
-    data = check_payload(path, payload)["spec"]
-    if device:
-        data = {**data, "device": device}
-    from dbx.spec import spec_from_dict
-
-    spec = spec_from_dict(data, source=f"the spec saved in {path.name}")
-    device_, label = _device(spec)
-    check_folder(folder, what=f"the checkpoint folder of run {run_id}")
-    parts = build_parts(spec, device_)
-    state, drift = _restore(spec, parts, path, payload)
-    if state.epoch >= spec.epochs and run.info.status == "FINISHED":
-        raise finished
-    for stale in remove_stale_temporaries(folder):
-        say(f"removed {stale.name}, left by a checkpoint write that never finished")
-    tracked = tracking.reopen_run(uri, run_id, state.history, force=force)
-    if state.epoch >= spec.epochs:
-        say(f"run {run.info.run_name} ({run_id}) had trained all {spec.epochs} epochs when it stopped; "
-            f"logging what the store lacked and closing it")
-        return _close_finished(spec, tracked, state, say).exit_code
-    say(f"resuming run {run.info.run_name} ({run_id}) after epoch {state.epoch}, from {path}, on {label}")
-    for message in drift:
-        say(f"WARNING: {message}")
-    if drift:
-        tracked.set_tags({"dbx.resume.warning": " | ".join(drift)[:5000]})
-    return _train(spec, parts, tracked, state, say).exit_code
+            raise UserError(f"run {run_id} has finished; there is nothing to resume. Start a new one with dbx run.")
+        text = tracking.logged_spec(uri, run_id)
+        if text is None:
+            raise UserError(f"run {run_id} has no checkpoint, and no spec: it was stopped while it was being "
+                            f"set up, before anything was trained. Start it again with dbx run.")
+        return {**plan, "run_id": run_id, "spec": text}
+    plan["checkpoint"], plan["payload"] = latest
+    return plan
 
 
 def _restore(spec: Any, parts: Any, path: Any, payload: dict[str, Any]) -> tuple[Any, list[str]]:
@@ -149,25 +185,26 @@ def _restore(spec: Any, parts: Any, path: Any, payload: dict[str, Any]) -> tuple
     return state, drift
 
 
-def _restart(run: Any, *, uri: str, device: str | None, force: bool, say: Say) -> int:
+def _restart(plan: dict[str, Any], *, uri: str, device: str | None, force: bool, say: Say) -> int:
     """Train a run that left no checkpoint again from its first epoch, under its own run id."""
-    from dbx import tracking
+    from dbx import distributed, tracking
+    from dbx.distributed import ranks
     from dbx.spec import parse_spec
     from dbx.train.parts import build_parts
 
-    run_id = run.info.run_id
-    text = tracking.logged_spec(uri, run_id)
-    if text is None:
-        raise UserError(f"run {run_id} has no checkpoint, and no spec: it was stopped while it was being "
-                        f"set up, before anything was trained. Start it again with dbx run.")
-    spec = parse_spec(text, source=f"the resolved spec of run {run_id}",
+    run_id = plan["run_id"]
+    spec = parse_spec(plan["spec"], source=f"the resolved spec of run {run_id}",
                       overrides=[f"device={device}"] if device else [])
     device_, label = _device(spec)
     parts = build_parts(spec, device_)
+    topology = ranks.topology_tags(device_)
+    if distributed.rank() != 0:
+        return _train(spec, parts, ranks.SilentRun(run_id, uri), None, say).exit_code
     tracked = tracking.reopen_run(uri, run_id, [], force=force)
+    tracked.set_tags(topology)
     logged = sorted(tracked.already_logged)
     kept = f"; the metrics it logged for epochs {logged[0]}-{logged[-1]} are kept" if logged else ""
-    say(f"run {run.info.run_name} ({run_id}) has no checkpoint: training it again from the beginning, in the "
+    say(f"run {plan['run_name']} ({run_id}) has no checkpoint: training it again from the beginning, in the "
         f"same run, from the resolved spec it logged, on {label}{kept}")
     return _train(spec, parts, tracked, None, say).exit_code
 
