@@ -2,7 +2,7 @@
 # The checks that need an NVIDIA GPU, in one pass of about five minutes: the CUDA tests
 # (tests/test_cuda.py and the loader's), the estimator benchmark on CUDA (with the per-layer form
 # timings that calibrate kernels.FUSED_ELEMENT_MACS["cuda"], and each layer's host time in a measuring
-# step, from --layers) and the loader benchmark on CUDA.
+# step, from --layers), the loader benchmark on CUDA and the DDP benchmark with nccl.
 #
 #   OUT=gpu-results bash benchmarks/gpu_check.sh      # from the repository root, on a GPU machine
 #
@@ -50,4 +50,6 @@ stage tests 300 $py -m pytest -q -rs -p no:cacheprovider --durations=5 \
 stage estimators 300 $py benchmarks/estimators.py --device cuda --models ${MODELS:-resnet18,mlp} --batch-sizes 128,512 \
     --methods plain,exact,vmap --steps 20 --other-steps 3 --forms --layers --json "$out/estimators.json"
 [ -n "${SKIP_LOADER:-}" ] || stage loader 90 $py benchmarks/loader.py --device cuda --rotation 15 --batch-size 1024
+# DDP with nccl: 1 process, and 2 when the machine has 2 GPUs (with one GPU the script says it skips 2)
+stage ddp 180 $py benchmarks/ddp.py --device cuda --nprocs 1,2 --batch-size 2048 --json "$out/ddp.json"
 exit $status

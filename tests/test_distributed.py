@@ -225,3 +225,18 @@ def test_ranks_slice_each_global_batch_of_one_permutation():
         assert len(first) - len(second) in (0, 1)
     assert [shard(7, r, 3) for r in range(3)] == [(0, 3), (3, 5), (5, 7)]
     assert len(ranks[0]) == len(alone) == 5
+
+
+def test_dataset_ranks_slice_each_global_batch_as_the_dataloader_orders_it_alone():
+    """The DataLoader path: each rank's batches are its slices of the one-process batches."""
+    dataset = torch.utils.data.TensorDataset(torch.arange(23.0).view(23, 1), torch.arange(23))
+    alone = make_loader(dataset, batch_size=6, shuffle=True, device="cpu", seed=4, num_workers=0)
+    ranks = [make_loader(dataset, batch_size=6, shuffle=True, device="cpu", seed=4, num_workers=0, rank=r,
+                         world_size=2) for r in range(2)]
+    for _ in range(2):  # two epochs: the generators advance alike
+        for (_, whole), (_, first), (_, second) in zip(alone, *ranks, strict=True):
+            assert torch.equal(torch.cat([first, second]), whole)
+    reference = torch.utils.data.DataLoader(dataset, batch_size=6, shuffle=True,
+                                            generator=torch.Generator().manual_seed(4))
+    ours = make_loader(dataset, batch_size=6, shuffle=True, device="cpu", seed=4, num_workers=0)
+    assert [t.tolist() for _, t in ours] == [t.tolist() for _, t in reference]  # torch's own order, unchanged

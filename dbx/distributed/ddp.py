@@ -41,6 +41,9 @@ def distributed_parts(parts: Any, *, sync_batchnorm: bool = False) -> Any:
         converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(parts.model)
         if converted is not parts.model:  # a bare BatchNorm as the whole model: keep one object
             raise ValueError("model.sync_batchnorm needs a model that contains its BatchNorm layers")
+        if parts.estimator is not None:  # its layer hooks may not know SyncBatchNorm: say so before training
+            parts.estimator.attach(parts.model)
+            parts.estimator.detach()
     device_ids = [parts.device.index] if parts.device.type == "cuda" else None
     net = DistributedDataParallel(parts.model, device_ids=device_ids)
     net.register_comm_hook(None, _sum_gradients)
