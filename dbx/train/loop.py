@@ -366,10 +366,14 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _batch_line(spec: Any, batch_size: int, lr: float, when: str) -> str:
-    micro = spec.max_micro_batch
-    chunks = -(-batch_size // micro) if micro else 1
-    accumulation = f", {chunks} micro-batches of <= {micro}" if chunks > 1 else ""
-    return f"[{when}] batch size {batch_size}{accumulation}, lr {lr:.4g}"
+    from dbx.distributed import world_size
+
+    micro, ranks = spec.max_micro_batch, world_size()
+    share = -(-batch_size // ranks)  # the largest rank's slice (the batch itself in one process)
+    chunks = -(-share // micro) if micro else 1
+    spread = f" ({share} per rank on {ranks})" if ranks > 1 else ""
+    accumulation = f", {chunks} micro-batches of <= {micro}" + (" per rank" if ranks > 1 else "") if chunks > 1 else ""
+    return f"[{when}] batch size {batch_size}{spread}{accumulation}, lr {lr:.4g}"
 
 
 def _epoch_line(spec: Any, m: dict[str, float], epoch: int) -> str:
