@@ -131,8 +131,8 @@ class ModelSpec(PluginSpec):
     """The network: a ``dbx.models`` plugin and its parameters."""
 
     sync_batchnorm: StrictBool = Field(
-        False, description="under torchrun, BatchNorm statistics over the whole global batch (SyncBatchNorm) "
-                           "instead of each rank's share; no effect in one process",
+        False, description="under torchrun on CUDA, BatchNorm statistics over the whole global batch "
+                           "(SyncBatchNorm) instead of each rank's share; no effect in one process",
     )
 
 

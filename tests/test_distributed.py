@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from distributions import install
 from mlflow import MlflowClient
 
+from dbx import registry
 from dbx.cli import main
 from dbx.data.loader import make_loader, shard
 from dbx.train.checkpoint import list_checkpoints, read_checkpoint
@@ -157,6 +158,14 @@ FAILING = '''
 import os
 import time
 
+from torch import nn
+
+
+def bn_mlp(*, num_classes, input_shape, width: int = 16):
+    """Linear -> BatchNorm1d -> ReLU -> Linear."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], width), nn.BatchNorm1d(width), nn.ReLU(),
+                         nn.Linear(width, num_classes))
+
 
 class FailsOnRankOne:
     """DiveBatch's interface, a fixed batch size, and an error on rank 1 in epoch 2."""
@@ -188,14 +197,18 @@ class FailsOnRankOne:
 
 
 def test_a_rank_that_raises_ends_the_job_and_the_run_says_which_rank_and_why(site, tmp_path):
-    """A third-party policy from a (tiny, real) distribution runs under torchrun as it is; when it
-    raises on rank 1, rank 0 closes the run FAILED naming rank 1, and torchrun exits 1."""
-    install(site, "failing-policy", "[dbx.policies]\nfails_on_rank_one = failing_policy:FailsOnRankOne\n",
-            {"failing_policy": FAILING})
+    """A third-party policy and model from a (tiny, real) distribution run under torchrun as they
+    are (the model has BatchNorm: per-rank statistics); when the policy raises on rank 1, rank 0
+    closes the run FAILED naming rank 1, and torchrun exits 1."""
+    install(site, "failing-policy", "[dbx.policies]\nfails_on_rank_one = failing_policy:FailsOnRankOne\n"
+                                    "[dbx.models]\nbn_mlp = failing_policy:bn_mlp\n", {"failing_policy": FAILING})
+    registry.refresh()
     marker = tmp_path / "raised"
     spec = write_spec(tmp_path / "spec", SPEC.replace(
         "policy: {name: divebatch, params: {initial: 9, max: 64, delta: 0.5, resize_every: 1}}",
-        f"policy: {{name: fails_on_rank_one, params: {{initial: 16, marker: {str(marker)!r}}}}}"))
+        f"policy: {{name: fails_on_rank_one, params: {{initial: 17, marker: {str(marker)!r}}}}}").replace(
+        "model: {name: mlp, params: {widths: [16]}}", "model: {name: bn_mlp}").replace(
+        "max_micro_batch: 7", "max_micro_batch: 64"))  # BatchNorm needs 2+ samples: slices of 9 and 8, last 5 and 4
     job = subprocess.Popen(dbx_command("run", str(spec), "--nproc", "2", "--tracking-uri", store(tmp_path)),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env=environment(PYTHONPATH=str(site)))
@@ -212,6 +225,8 @@ def test_a_rank_that_raises_ends_the_job_and_the_run_says_which_rank_and_why(sit
     assert "rank 1" in run.data.tags["dbx.failure.message"]
     assert "rank one cannot go on" in run.data.tags["dbx.failure.message"]
     assert run.info.end_time / 1000 - raised < 30  # closed within seconds of the error, no hang
+    logged = [m.step for m in MlflowClient(store(tmp_path)).get_metric_history(run.info.run_id, "test_loss")]
+    assert logged[:1] == [1] and set(logged) <= {1, 2}  # epoch 1 trained; rank 0 may have logged epoch 2
 
 
 def test_ranks_slice_each_global_batch_of_one_permutation():

@@ -38,6 +38,12 @@ def distributed_parts(parts: Any, *, sync_batchnorm: bool = False) -> Any:
     from torch.nn.parallel import DistributedDataParallel
 
     if sync_batchnorm:
+        if parts.device.type != "cuda":
+            from dbx.errors import UserError
+
+            raise UserError("model.sync_batchnorm: true needs CUDA devices (PyTorch's SyncBatchNorm works with GPU "
+                            "modules only); on the CPU set it to false (each rank normalises with its slice's "
+                            "statistics)")
         converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(parts.model)
         if converted is not parts.model:  # a bare BatchNorm as the whole model: keep one object
             raise ValueError("model.sync_batchnorm needs a model that contains its BatchNorm layers")
