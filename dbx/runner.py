@@ -150,7 +150,7 @@ def _resume_plan(uri: str, run_id: str, force: bool, say: Say) -> dict[str, Any]
     for warning in skipped:
         say(f"warning: {warning.message}")
     plan: dict[str, Any] = {"run_name": run.info.run_name, "status": run.info.status, "folder": folder,
-                            "checkpoint": None, "spec": None, "payload": None}
+                            "checkpoint": None, "spec": None, "payload": None, "params": dict(run.data.params)}
     if latest is None:
         if run.info.status == "FINISHED":
             raise UserError(f"run {run_id} has finished; there is nothing to resume. Start a new one with dbx run.")
@@ -206,7 +206,7 @@ def _restart(plan: dict[str, Any], *, uri: str, device: str | None, force: bool,
     kept = f"; the metrics it logged for epochs {logged[0]}-{logged[-1]} are kept" if logged else ""
     say(f"run {plan['run_name']} ({run_id}) has no checkpoint: training it again from the beginning, in the "
         f"same run, from the resolved spec it logged, on {label}{kept}")
-    return _train(spec, parts, tracked, None, say).exit_code
+    return _train(spec, parts, tracked, None, say, logged_params=plan["params"]).exit_code
 
 
 def _device(spec: Any) -> tuple[Any, str]:
@@ -220,9 +220,11 @@ def _device(spec: Any) -> tuple[Any, str]:
     return device, f"{device.type} ({device_name(device)}), torch {torch.__version__}{spread}"
 
 
-def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say, *, intro: Sequence[str] = ()) -> RunResult:
+def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say, *, intro: Sequence[str] = (),
+           logged_params: dict[str, str] | None = None) -> RunResult:
     """Run the loop with end-of-epoch checkpoints; close the MLflow run with the right status,
-    whatever happens from the moment it exists."""
+    whatever happens from the moment it exists. ``logged_params``: what a restarted run already
+    has (MLflow keeps a param's first value: a restart on another number of ranks keeps it)."""
     from dbx import distributed, faults, stopping, tracking
     from dbx.distributed.failures import failure_elsewhere, report_failure
     from dbx.train.drift import RecordedPolicy
@@ -243,7 +245,7 @@ def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say, *, intro: 
         for line in intro:
             say(line)
         if fresh:
-            tracked.log_params(derived_params(parts))
+            tracked.log_params({k: v for k, v in derived_params(parts).items() if k not in (logged_params or {})})
         if spec.checkpoint.enabled and distributed.rank() == 0:  # rank 0 writes every checkpoint
             folder = tracking.checkpoint_folder(tracked.uri, spec.checkpoint.dir, tracked.run_id)
             tracked.set_tags({"dbx.checkpoint.dir": str(folder)})

@@ -9,7 +9,7 @@ arithmetic exactly as in one process, and is right for shares of unequal size to
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any
 
 
 def _sum_gradients(state, bucket):  # noqa: ANN001, ANN202 - DDP checks the annotations: none, or its own
@@ -57,13 +57,13 @@ def distributed_parts(parts: Any, *, sync_batchnorm: bool = False) -> Any:
     return parts
 
 
-@contextlib.contextmanager
-def accumulating(net: Any, more_chunks: bool) -> Iterator[None]:
-    """Around one micro-batch's forward and backward: while ``more_chunks`` of the same step
-    follow, DDP keeps the gradient local (``no_sync``); the last micro-batch's backward all-reduces
-    the accumulated sum once."""
+def accumulating(net: Any, more_chunks: bool) -> Any:
+    """The context of one micro-batch's forward and backward: while ``more_chunks`` of the same
+    step follow, DDP keeps the gradient local (``no_sync``); the last micro-batch's backward
+    all-reduces the accumulated sum once. In one process, a context that does nothing."""
     if more_chunks and hasattr(net, "no_sync"):
-        with net.no_sync():
-            yield
-    else:
-        yield
+        return net.no_sync()
+    return _NOTHING
+
+
+_NOTHING = contextlib.nullcontext()  # reusable: no generator per micro-batch on the hot path
