@@ -91,7 +91,7 @@ def one_and_two(tmp_path_factory):
     assert one.exit_code == 0, one.output
     two = subprocess.run(dbx_command("run", str(spec), "--nproc", "2", "--tracking-uri", store(folder / "two")),
                          capture_output=True, text=True, env=environment(), timeout=300)
-    assert two.returncode == 0, two.stdout + two.stderr
+    assert two.returncode == 0, (two.stdout + two.stderr)[-6000:]
     [run_one] = runs_of(store(folder / "one"))
     runs = runs_of(store(folder / "two"))
     return folder, spec, run_one, runs, two.stdout
@@ -141,6 +141,30 @@ def test_killed_two_process_job_resumes_on_one_process_and_continues_the_same_cu
     assert run.info.status == "FINISHED"
     assert_same_curves(curves(store(tmp_path), run.info.run_id),
                        curves(store(folder / "two"), uninterrupted.info.run_id))
+
+
+def test_killed_one_process_run_resumes_on_two_processes(one_and_two, tmp_path):
+    folder, spec, alone, _, _ = one_and_two
+    held = tmp_path / "held"
+    job = subprocess.Popen(dbx_command("run", str(spec), "--tracking-uri", store(tmp_path)),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env=environment(DBX_HOLD_AT="checkpoint:1", DBX_HOLD_FILE=str(held)))
+    try:
+        deadline = time.monotonic() + 240
+        while not held.exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert held.exists(), "the run never reached epoch 1's checkpoint"
+    finally:
+        kill_job(job)
+    [killed] = runs_of(store(tmp_path))
+    resumed = subprocess.run(dbx_command("resume", killed.info.run_id, "--nproc", "2", "--tracking-uri",
+                                         store(tmp_path)), capture_output=True, text=True, env=environment(),
+                             timeout=300)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-6000:]
+    assert "2 processes" in resumed.stdout
+    [run] = runs_of(store(tmp_path))
+    assert run.info.status == "FINISHED" and run.data.tags["dbx.world_size"] == "2"
+    assert_same_curves(curves(store(tmp_path), run.info.run_id), curves(store(folder / "one"), alone.info.run_id))
 
 
 def kill_job(job: subprocess.Popen) -> None:
@@ -218,7 +242,7 @@ def test_a_rank_that_raises_ends_the_job_and_the_run_says_which_rank_and_why(sit
         job.kill()
     assert marker.exists(), output
     raised = float(marker.read_text())
-    assert job.returncode == 1, output
+    assert job.returncode == 1, output[-6000:]
     [run] = runs_of(store(tmp_path))
     assert run.info.status == "FAILED"
     assert run.data.tags["dbx.failure.rank"] == "1"
