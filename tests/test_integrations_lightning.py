@@ -142,6 +142,6 @@ def test_the_callback_times_each_epochs_training_steps_for_the_throughput_table(
 
     table = callback.adaptive.throughput
     assert sorted(table) == [8, 16, 32]  # one entry per batch size trained, epochs 1-3
-    for batch, (samples, seconds, epochs, best) in table.items():
+    for samples, seconds, epochs, best in table.values():
         assert samples == 240 and epochs == 1 and seconds > 0 and best == pytest.approx(samples / seconds)
     assert {int(row[0]): row[1:] for row in callback.adaptive.state_dict()["throughput"]} == table  # and it is in Lightning's checkpoints

@@ -27,6 +27,7 @@ from dbx.train import throughput
 from dbx.train.lr import rescale_factor, scheduled_lr
 from dbx.train.parts import Parts
 from dbx.train.progress import EpochProgress
+from dbx.train.tally import EpochTally, TrainedEpoch
 
 
 class Tracker(Protocol):
@@ -177,25 +178,13 @@ def fit(spec: Any, parts: Parts, tracker: Tracker, *, say: Callable[[str], None]
     return summarize(spec, state)
 
 
-@dataclass
-class TrainedEpoch:
-    """What one pass over the training data reports (``train_one_epoch``)."""
-
-    loss: float  # mean per sample (per counted token for sequence tasks)
-    accuracy: float | None  # None for regression; token accuracy for sequence tasks
-    samples: int
-    steps: int  # optimizer steps, skipped ones included
-    skipped: int = 0  # steps skipped for a non-finite loss
-    first_bad: int = -1  # the first step (0-based) whose loss was not finite, -1 for none
-    grad_norm: float | None = None  # mean global gradient norm before clipping (only when clipping)
-
-
 def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, on_step: Callable[[], None],
                     *, skip_nonfinite: bool = False, clip: float | None = None) -> TrainedEpoch:
     """One pass over the training data.
 
-    Losses, correct counts and gradient norms are summed on the device and read once at the end,
-    so the step never waits for the device; only ``skip_nonfinite`` must look at each step's loss.
+    The step does what a bare hand-written loop does and little else: losses, predictions and
+    gradient norms are kept on the device and read once at the end (``dbx.train.tally``), so the
+    step never waits for the device; only ``skip_nonfinite`` must look at each step's loss.
 
     The step back-propagates ``loss_scale * sum_i loss_i``, with ``loss_scale`` one over the
     logical batch's samples (or counted tokens: ``Task.units``), so the update is that of the
@@ -206,79 +195,109 @@ def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, o
     estimator has read the step (its statistic is of the unclipped per-sample gradients) and
     before the optimizer steps; under fp16 the gradients are unscaled first.
     """
-    model, optimizer, task, scaler = parts.model, parts.optimizer, parts.task, parts.scaler
-    net = parts.net if parts.net is not None else model  # DDP under torchrun
+    parts.model.train()
+    params = [p for p in parts.model.parameters() if p.requires_grad] if clip is not None else []
+    tally = EpochTally(parts.task, parts.device)
+    gradients = GradientScales(parts.device)
+    steps = skipped = 0
     loader = parts.train_loader
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad] if clip is not None else []
-    loss_sum = torch.zeros((), device=parts.device)
-    correct = torch.zeros((), device=parts.device, dtype=torch.long)
-    norm_sum = torch.zeros((), device=parts.device)
-    first_bad = torch.full((), -1, device=parts.device, dtype=torch.long)
-    units: int | torch.Tensor = 0  # samples, or counted tokens, of the steps taken
-    seen = steps = skipped = 0
     for inputs, targets in loader:
         batch = loader.global_batch(steps)  # every rank's share of the step together
-        step_units = global_units(task.units(targets), inputs.shape[0], batch)
-        loss_scale = 1.0 / step_units  # the step's loss is the mean over the logical batch
-        if max_micro_batch and inputs.shape[0] > max_micro_batch:
-            chunks = list(zip(inputs.split(max_micro_batch), targets.split(max_micro_batch)))
-        else:
-            chunks = [(inputs, targets)]
-        step_loss = torch.zeros((), device=parts.device)
-        step_correct = torch.zeros((), device=parts.device, dtype=torch.long)
+        units = global_units(parts.task.units(targets), inputs.shape[0], batch)
+        gradient = gradients.of(units)  # the step's loss is the mean over the logical batch
+        loss_scale = 1.0 / units if isinstance(units, int) else gradient
         # fp16 multiplies the loss by the GradScaler's factor; the estimator must divide it out
+        scaler = parts.scaler
         grad_scale = _scale_on_device(scaler, parts.device) if scaler is not None and estimator is not None else 1.0
-        for chunk, (x, y) in enumerate(chunks):
-            with accumulating(net, more_chunks=chunk < len(chunks) - 1):  # DDP: all-reduce at the last
-                with parts.autocast():
-                    outputs = net(x)
-                loss = task.loss_fn(outputs.float(), y, reduction="sum")
-                if scaler is not None:
-                    scaler.scale(loss * loss_scale).backward()
-                else:
-                    (loss * loss_scale).backward()
-            if estimator is not None:
-                estimator.on_backward(loss_scale * grad_scale)
-            step_loss += loss.detach()
-            if task.has_accuracy:
-                step_correct += task.correct(outputs.detach(), y)
-        if skip_nonfinite and not torch.isfinite(sum_across_ranks(step_loss.clone())).item():  # all ranks agree
-            optimizer.zero_grad(set_to_none=True)
+        loss, predictions, chunk_targets = forward_backward(
+            parts, inputs, targets, max_micro_batch, gradient, estimator, loss_scale * grad_scale)
+        if skip_nonfinite and not torch.isfinite(sum_across_ranks(loss.clone())).item():  # all ranks agree
+            parts.optimizer.zero_grad(set_to_none=True)
             if estimator is not None:  # drops the step's non-finite norms; no gradients to add
                 estimator.on_step(loss_scale * grad_scale)
             skipped += 1
-            steps += 1
-            on_step()
-            continue
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), steps, first_bad)
-        if estimator is not None:
-            estimator.on_step(loss_scale * grad_scale)
-        if clip is not None:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            norm_sum += torch.nn.utils.clip_grad_norm_(params, clip, error_if_nonfinite=False)
-        if scaler is not None:
-            scaler.step(optimizer)  # skips the step itself when fp16 gradients overflowed
-            scaler.update()
         else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum += step_loss
-        correct += step_correct
-        units = units + step_units
-        seen += batch
+            if estimator is not None:
+                estimator.on_step(loss_scale * grad_scale)
+            norm = update(parts, params, clip)
+            tally.add(loss, units, batch, predictions, chunk_targets, norm)
         steps += 1
         on_step()
-    units = torch.as_tensor(units, dtype=torch.float64, device=parts.device)
-    shared = sum_across_ranks(torch.stack([loss_sum.double(), correct.double()]))  # the ranks' shares
-    totals = torch.stack([shared[0], shared[1], norm_sum.double(), units, first_bad.double()])
-    total_loss, total_correct, total_norm, total_units, bad = totals.tolist()  # the epoch's one sync
-    total_units = max(total_units, 1.0)
-    return TrainedEpoch(
-        loss=total_loss / total_units, accuracy=total_correct / total_units if task.has_accuracy else None,
-        samples=seen, steps=steps, skipped=skipped, first_bad=int(bad),
-        grad_norm=total_norm / max(steps - skipped, 1) if clip is not None else None)
+    return tally.finish(steps, skipped, clipped=clip is not None)
+
+
+def forward_backward(parts: Parts, inputs: torch.Tensor, targets: torch.Tensor, max_micro_batch: int | None,
+                     gradient: torch.Tensor, estimator: Any, estimator_scale: Any,
+                     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Forward and backward of one logical batch, in micro-batches of at most ``max_micro_batch``
+    (gradients accumulate). ``gradient`` is ``loss_scale`` as a device tensor: backward starts
+    from it, which is ``(loss * loss_scale).backward()`` without the multiplication.
+
+    Returns the batch's summed loss (detached) and, for tasks with an accuracy, each
+    micro-batch's predictions with its targets (empty lists otherwise)."""
+    task = parts.task
+    if max_micro_batch and inputs.shape[0] > max_micro_batch:
+        chunks = list(zip(inputs.split(max_micro_batch), targets.split(max_micro_batch)))
+    else:
+        chunks = [(inputs, targets)]
+    losses, predictions, chunk_targets = [], [], []
+    net = parts.net if parts.net is not None else parts.model  # the model in DDP under torchrun
+    last = len(chunks) - 1
+    for chunk, (x, y) in enumerate(chunks):
+        with accumulating(net, more_chunks=chunk < last):  # DDP all-reduces at the last micro-batch only
+            if parts.amp_dtype is None:  # an autocast that is off still costs its enter and exit every step
+                outputs = net(x)
+            else:
+                with parts.autocast():
+                    outputs = net(x)
+            loss = task.loss_fn(outputs.float(), y, reduction="sum")
+            if parts.scaler is not None:
+                parts.scaler.scale(loss * gradient).backward()
+            else:
+                loss.backward(gradient)
+        if estimator is not None:
+            estimator.on_backward(estimator_scale)
+        losses.append(loss.detach())
+        if task.has_accuracy:
+            predictions.append(task.predictions(outputs))  # argmax: no gradient to detach from
+            chunk_targets.append(y)
+    loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+    return loss, predictions, chunk_targets
+
+
+def update(parts: Parts, params: list[torch.nn.Parameter], clip: float | None) -> torch.Tensor | None:
+    """Clip (if asked), step the optimizer, clear the gradients. Returns the unclipped global
+    gradient norm when clipping, else None."""
+    optimizer, scaler = parts.optimizer, parts.scaler
+    norm = None
+    if clip is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, clip, error_if_nonfinite=False)
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the step itself when fp16 gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+class GradientScales:
+    """``loss_scale`` as a 0-d device tensor, made once per batch size (per number of counted
+    units) instead of once per step. Units counted on the device are a tensor already."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def of(self, units: int | torch.Tensor) -> torch.Tensor:
+        if not isinstance(units, int):
+            return 1.0 / units
+        scale = self._cache.get(units)
+        if scale is None:
+            scale = self._cache[units] = torch.full((), 1.0 / units, device=self.device)
+        return scale
 
 
 @torch.no_grad()

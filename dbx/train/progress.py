@@ -18,6 +18,8 @@ class EpochProgress:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self._progress: Any = None
         self._task: Any = None
+        self._pending = 0
+        self._stride = max(1, total // 100)
 
     def __enter__(self) -> "EpochProgress":
         if self.enabled:
@@ -30,8 +32,14 @@ class EpochProgress:
         return self
 
     def advance(self) -> None:
-        if self._progress is not None:
-            self._progress.advance(self._task)
+        """One step done. The bar is redrawn every ``stride`` steps (about 100 times an epoch),
+        so that a terminal costs small batches no Python work per step beyond a counter."""
+        if self._progress is None:
+            return
+        self._pending += 1
+        if self._pending >= self._stride:
+            self._progress.advance(self._task, self._pending)
+            self._pending = 0
 
     def __exit__(self, *exc: Any) -> None:
         if self._progress is not None:

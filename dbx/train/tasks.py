@@ -79,14 +79,24 @@ class Task:
 
     def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         """Correct predictions in a batch (a device tensor), None for regression."""
+        predicted = self.predictions(outputs)
+        return None if predicted is None else self.correct_predictions(predicted, targets)
+
+    def predictions(self, outputs: torch.Tensor) -> torch.Tensor | None:
+        """The predicted class of each sample (each token for sequences), None for regression.
+        Training keeps these and counts the correct ones once per epoch (``dbx.train.tally``)."""
         if self.kind == "classification":
-            return (outputs.argmax(dim=1) == targets).sum()
+            return outputs.argmax(dim=1)
         if self.kind == "sequence":
-            hits = outputs.argmax(dim=-1) == targets
-            if self.count_on_device:
-                hits &= targets != self.ignore_index
-            return hits.sum()
+            return outputs.argmax(dim=-1)
         return None
+
+    def correct_predictions(self, predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """How many of ``predicted`` (from ``predictions``) equal ``targets``, ignored tokens not counted."""
+        hits = predicted == targets
+        if self.kind == "sequence" and self.count_on_device:
+            hits &= targets != self.ignore_index
+        return hits.sum()
 
     def nll_sum(self, outputs: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor) -> torch.Tensor | None:
         """Summed token cross-entropy, for perplexity (sequence tasks only; ``loss_sum`` reused
