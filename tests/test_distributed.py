@@ -279,3 +279,10 @@ def test_dataset_ranks_slice_each_global_batch_as_the_dataloader_orders_it_alone
                                             generator=torch.Generator().manual_seed(4))
     ours = make_loader(dataset, batch_size=6, shuffle=True, device="cpu", seed=4, num_workers=0)
     assert [t.tolist() for _, t in ours] == [t.tolist() for _, t in reference]  # torch's own order, unchanged
+
+
+def test_a_wrong_spec_is_refused_before_torchrun_starts(tmp_path):
+    spec = write_spec(tmp_path, SPEC.replace("epochs: 4", "epochs: -4"))
+    result = CliRunner().invoke(main, ["run", str(spec), "--nproc", "2", "--tracking-uri", store(tmp_path / "s")])
+    assert result.exit_code == 2 and "epochs" in result.output, result.output
+    assert not (tmp_path / "s" / "mlflow.db").exists()  # nothing was started
