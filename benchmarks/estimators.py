@@ -26,7 +26,8 @@ torch's default and ``--wall`` reports wall-clock time. Peak memory comes from a
 (model, batch size, method) (on CPU: the peak resident memory above what the process held after a
 throw-away step of the same method at batch 2, i.e. parameters, gradients, optimizer state,
 activations and scratch, read from Linux's high-water mark after a reset; on CUDA:
-``torch.cuda.max_memory_allocated``). ``--forms`` adds the per-convolution timings of the explicit
+``torch.cuda.max_memory_allocated``), of the second step; exact's first step, which runs its
+self-check, is shown on a line of its own (time and peak memory). ``--forms`` adds the per-convolution timings of the explicit
 and Gram forms that calibrate the estimator's choice between them; ``--layers`` adds, per layer of
 the ResNet-18, where the measuring step's extra time goes in context.
 
@@ -48,7 +49,52 @@ from functools import partial
 from typing import Any
 
 METHODS = ("plain", "exact", "vmap", "backpack", "opacus")
-MODELS = ("resnet18", "mlp")
+MODELS = ("resnet18", "mlp", "gpt", "lstm")
+#: the sequence models' shapes: a GPT block stack at sequence 128, an LSTM classifier over 64 steps
+GPT = {"vocab": 256, "width": 128, "heads": 4, "depth": 2, "length": 128}
+LSTM = {"features": 32, "hidden": 128, "length": 64, "classes": 10}
+
+
+def _gpt():
+    import torch
+    from torch import nn
+
+    class Model(nn.Module):
+        def __init__(self, vocab, width, heads, depth, length):
+            super().__init__()
+            self.tokens = nn.Embedding(vocab, width)
+            self.positions = nn.Embedding(length, width)
+            self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0,
+                                                                   activation="gelu", batch_first=True,
+                                                                   norm_first=True) for _ in range(depth))
+            self.norm = nn.LayerNorm(width)
+            self.head = nn.Linear(width, vocab)
+
+        def forward(self, idx):
+            t = idx.shape[1]
+            x = self.tokens(idx) + self.positions(torch.arange(t, device=idx.device).expand_as(idx))
+            mask = nn.Transformer.generate_square_subsequent_mask(t, device=idx.device)
+            for block in self.blocks:
+                x = block(x, src_mask=mask, is_causal=True)
+            return self.head(self.norm(x))
+
+    return Model(**GPT)
+
+
+def _lstm():
+    from dbx.models.recurrent import lstm_classifier
+
+    return lstm_classifier(num_classes=LSTM["classes"], input_shape=(LSTM["length"], LSTM["features"]),
+                           hidden=LSTM["hidden"])
+
+
+def loss_for(model_name: str):
+    """The loss as dbx calls it, ``loss_fn(outputs, targets, reduction="sum")``: per token for the GPT."""
+    import torch.nn.functional as F
+
+    if model_name == "gpt":
+        return lambda out, y, reduction="sum": F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction=reduction)
+    return F.cross_entropy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,6 +107,10 @@ def build_model(name: str):
     from torch import nn
 
     torch.manual_seed(0)  # same initial weights for every method
+    if name == "gpt":  # embeddings, TransformerEncoderLayer blocks (causal, pre-norm, no dropout), untied head
+        return _gpt()
+    if name == "lstm":  # dbx's lstm_classifier over (T, F) sequences
+        return _lstm()
     if name == "mlp":
         return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
                              nn.Linear(512, 10))
@@ -239,21 +289,23 @@ class Method:
 def warm_up(model_name: str, method: str, device: str) -> None:
     """One step of the same method on a throw-away copy at batch 2: lazy imports (the optimizer
     alone pulls in ~150 MB of modules) and backend initialisation are not the method's memory."""
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.randn(2, 3, 32, 32).to(device)
-    y = torch.tensor([0, 1]).to(device)
-    runner = Method(method, build_model(model_name).to(device), F.cross_entropy, x, y, device)
+    x, y = make_batch(2, device, model_name)
+    runner = Method(method, build_model(model_name).to(device), loss_for(model_name), x, y, device)
     getattr(runner, f"step_{method}")()
     if method == "exact":
         runner.estimator.detach()
 
 
-def make_batch(batch: int, device: str):
+def make_batch(batch: int, device: str, model_name: str = "resnet18"):
     import torch
 
     g = torch.Generator().manual_seed(1)
+    if model_name == "gpt":
+        tokens = torch.randint(0, GPT["vocab"], (batch, GPT["length"] + 1), generator=g).to(device)
+        return tokens[:, :-1], tokens[:, 1:]
+    if model_name == "lstm":
+        x = torch.randn(batch, LSTM["length"], LSTM["features"], generator=g).to(device)
+        return x, torch.randint(0, LSTM["classes"], (batch,), generator=g).to(device)
     x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
     return x, y
@@ -262,25 +314,31 @@ def make_batch(batch: int, device: str):
 def measure_memory(model_name: str, batch: int, method: str, device: str, threads: int) -> dict[str, Any]:
     """Peak memory of two steps of ``method`` alone in this process, and its first-step diversity."""
     import torch
-    import torch.nn.functional as F
 
     if threads > 0:
         torch.set_num_threads(threads)
     cuda = device.startswith("cuda")
     warm_up(model_name, method, device)
     baseline = reset_peak_rss()
-    x, y = make_batch(batch, device)
-    runner = Method(method, build_model(model_name).to(device), F.cross_entropy, x, y, device)
+    x, y = make_batch(batch, device, model_name)
+    runner = Method(method, build_model(model_name).to(device), loss_for(model_name), x, y, device)
     step = getattr(runner, f"step_{method}")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(2):
-        step()
+    step()  # exact's first step carries the self-check
     if cuda:
         torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes() - baseline
-    return {"peak_bytes": peak, "diversity": runner.diversity}
+    first = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes() - baseline
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()  # the high-water mark of the second step alone (against the same baseline)
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+    second = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes() - baseline
+    return {"peak_bytes": second, "check_peak_bytes": first, "diversity": runner.diversity}
 
 
 def keep_freed_memory() -> None:
@@ -300,13 +358,12 @@ def measure_time(model_name: str, batch: int, method: str, device: str, warmup: 
     order swapped every pair, so that a change in the machine's load hits both alike; the ratio is
     the median of the pairs' ratios."""
     import torch
-    import torch.nn.functional as F
 
     if threads > 0:
         torch.set_num_threads(threads)
     cuda = device.startswith("cuda")
-    x, y = make_batch(batch, device)
-    runners = {name: Method(name, build_model(model_name).to(device), F.cross_entropy, x, y, device)
+    x, y = make_batch(batch, device, model_name)
+    runners = {name: Method(name, build_model(model_name).to(device), loss_for(model_name), x, y, device)
                for name in ("plain", method)}
 
     def timed(name: str) -> float:
@@ -318,8 +375,10 @@ def measure_time(model_name: str, batch: int, method: str, device: str, warmup: 
             torch.cuda.synchronize()
         return (time.perf_counter() - start_wall) if (wall or cuda) else (time.process_time() - start_cpu)
 
+    first = None  # exact's first step carries the self-check (once per measuring epoch)
     for _ in range(warmup):
-        timed("plain"), timed(method)
+        plain_first, other_first = timed("plain"), timed(method)
+        first = other_first / plain_first if first is None else first
     pairs: list[tuple[float, float]] = []
     # at least `steps` pairs, and more (up to 200) until they add up to a second
     while len(pairs) < steps or (sum(a + b for a, b in pairs) < 1.0 and len(pairs) < 200):
@@ -334,6 +393,7 @@ def measure_time(model_name: str, batch: int, method: str, device: str, warmup: 
     if method == "exact":  # host time inside the hooks: on a GPU, launches the step waits for
         hooks = runners["exact"].estimator._hooks
         extra["hook_seconds_per_step"] = hooks.seconds / (warmup + len(pairs))
+        extra["first_step_ratio"] = first
     return {
         **extra,
         "plain_seconds": statistics.median(p for p, _ in pairs),
@@ -594,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_block(model: str, batch: int, methods: list[str], row: dict[str, Any]) -> None:
     plain, exact = row.get("plain", {}), row.get("exact", {})
-    print(f"\n{model}, B={batch}" + (" (BatchNorm)" if model == "resnet18" else " (no BatchNorm)"))
+    shape = {"gpt": f", sequence {GPT['length']}", "lstm": f", sequence {LSTM['length']}"}.get(model, "")
+    print(f"\n{model}, B={batch}{shape}" + (" (BatchNorm)" if model == "resnet18" else " (no BatchNorm)"))
     print(f"  {'method':<9} {'step s':>8} {'x plain':>8} {'peak MiB':>9} {'x plain':>8} {'diversity':>11}"
           f" {'vs exact':>9}")
     for method in methods:
@@ -610,6 +671,10 @@ def print_block(model: str, batch: int, methods: list[str], row: dict[str, Any])
             vs = f"{(div - exact['diversity']) / exact['diversity']:+.1e}" if method != "exact" else "="
         print(f"  {method:<9} {r['seconds']:8.3f} {t_ratio:7.2f}x {r['peak_bytes'] / 2**20:9.0f} {m_ratio:7.2f}x "
               f"{(f'{div:.5g}' if div is not None else ''):>11} {vs:>9}")
+    if exact.get("first_step_ratio") and exact.get("check_peak_bytes") and plain.get("peak_bytes"):
+        print(f"  exact's first step, with the self-check (once per measuring epoch): {exact['first_step_ratio']:.2f}x "
+              f"plain's time, peak {exact['check_peak_bytes'] / 2**20:.0f} MiB "
+              f"({exact['check_peak_bytes'] / plain['peak_bytes']:.2f}x plain's)")
     if model != "resnet18":
         diffs = [abs(row[m]["diversity"] - exact["diversity"]) / exact["diversity"] for m in methods
                  if m not in ("plain", "exact") and row[m].get("diversity") is not None and exact.get("diversity")]

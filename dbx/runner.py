@@ -283,6 +283,11 @@ def _train(spec: Any, parts: Any, tracked: Any, state: Any, say: Say, *, intro: 
         failure = _blame(exc, spec, parts)
         report_failure(failure["message"])
         failure = _failure_of_the_job(failure, failure_elsewhere())
+        if _unmeasurable(exc):  # the user's model is one the estimator cannot measure: exit 2, not a crash
+            with stopping.closing():
+                _close(tracked, state, "FAILED", say, history=state.history, step=state.epoch,
+                       failure={**failure, "reason": "unsupported_model", "epoch": state.epoch + 1})
+            raise
         with stopping.closing():
             _close(tracked, state, "FAILED", say, history=state.history, step=state.epoch,
                    failure={**failure, "epoch": state.epoch + 1})
@@ -367,6 +372,14 @@ def _save_checkpoint(folder: Any, spec: Any, parts: Any, state: Any, run_id: str
     except TypeError as exc:  # a plugin's state_dict() that a checkpoint cannot hold
         raise RunFailed(f"could not checkpoint epoch {state.epoch}: {exc}", reason="checkpoint_failed",
                         epoch=state.epoch) from exc
+
+
+def _unmeasurable(exc: BaseException) -> bool:
+    """An estimator's self-check (or a hook) found that it cannot measure this model correctly."""
+    import sys
+
+    hooks = sys.modules.get("dbx.estimators.hooks")
+    return hooks is not None and isinstance(exc, hooks.EstimatorConfigError)
 
 
 def _blame(exc: BaseException, spec: Any, parts: Any) -> dict[str, str]:

@@ -182,7 +182,25 @@ FAILING = '''
 import os
 import time
 
+import torch
 from torch import nn
+from torch.nn import functional as F
+
+
+class ReusesItsWeight(nn.Module):
+    """fc's weight also used outside fc's forward: the layer hooks cannot see that use."""
+
+    def __init__(self, inputs: int, classes: int) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(inputs, 16), nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.head(torch.relu(self.fc(x)) + 0.5 * F.linear(x, self.fc.weight))
+
+
+def reuses_weight(*, num_classes, input_shape):
+    return ReusesItsWeight(input_shape[0], num_classes)
 
 
 def bn_mlp(*, num_classes, input_shape, width: int = 16):
@@ -220,12 +238,32 @@ class FailsOnRankOne:
 '''
 
 
+def install_failing(site: Path) -> None:
+    install(site, "failing-policy", "[dbx.policies]\nfails_on_rank_one = failing_policy:FailsOnRankOne\n"
+                                    "[dbx.models]\nbn_mlp = failing_policy:bn_mlp\n"
+                                    "reuses_weight = failing_policy:reuses_weight\n", {"failing_policy": FAILING})
+
+
+def test_the_estimators_self_check_works_under_ddp(site, tmp_path, one_and_two):
+    """The self-check compares each rank's own gradient (not DDP's all-reduced one) with the hooks'
+    sums: the runs above pass it, and a model that uses a weight outside its module is caught."""
+    install_failing(site)
+    spec = write_spec(tmp_path / "spec", SPEC.replace("model: {name: mlp, params: {widths: [16]}}",
+                                                      "model: {name: reuses_weight}"))
+    job = subprocess.run(dbx_command("run", str(spec), "--nproc", "2", "--tracking-uri", store(tmp_path)),
+                         capture_output=True, text=True, env=environment(PYTHONPATH=str(site)), timeout=300)
+    assert job.returncode == 1, (job.stdout + job.stderr)[-6000:]
+    [run] = runs_of(store(tmp_path))
+    assert run.info.status == "FAILED"
+    message = run.data.tags["dbx.failure.message"]
+    assert "self-check" in message and "'fc.weight'" in message and message.startswith("rank "), message
+
+
 def test_a_rank_that_raises_ends_the_job_and_the_run_says_which_rank_and_why(site, tmp_path):
     """A third-party policy and model from a (tiny, real) distribution run under torchrun as they
     are (the model has BatchNorm: per-rank statistics); when the policy raises on rank 1, rank 0
     closes the run FAILED naming rank 1, and torchrun exits 1."""
-    install(site, "failing-policy", "[dbx.policies]\nfails_on_rank_one = failing_policy:FailsOnRankOne\n"
-                                    "[dbx.models]\nbn_mlp = failing_policy:bn_mlp\n", {"failing_policy": FAILING})
+    install_failing(site)
     registry.refresh()
     marker = tmp_path / "raised"
     spec = write_spec(tmp_path / "spec", SPEC.replace(

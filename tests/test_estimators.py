@@ -164,8 +164,8 @@ def test_exact_reports_per_layer_diversity_on_request():
 
 def test_unsupported_module_is_a_clear_error_at_attach():
     model = nn.Sequential(nn.Linear(4, 8), nn.PReLU(), nn.Linear(8, 2))
-    with pytest.raises(UserError) as info:
-        ExactEstimator().attach(model)
+    with pytest.raises(UserError) as info:  # without the generic fallback, a module with no kernel is refused
+        ExactEstimator(fallback_forbid=["*"]).attach(model)
     message = str(info.value)
     assert "'1'" in message and "PReLU" in message  # the module path and type
     assert "exclude" in message and "subsampled" in message  # how to get going
@@ -184,7 +184,7 @@ def test_unsupported_modules_nested_deeper_are_named_by_path():
     model = nn.Sequential(nn.Linear(4, 4))
     model.add_module("rnn", nn.Sequential(nn.GRU(4, 4)))
     with pytest.raises(UserError, match=r"'rnn\.0' \(torch\.nn\.modules\.rnn\.GRU\)"):
-        ExactEstimator().attach(model)
+        ExactEstimator(fallback=False).attach(model)
 
 
 def test_hooks_do_nothing_under_no_grad_and_do_not_disturb_training():
@@ -322,12 +322,14 @@ def test_per_sample_sq_norms_auto_falls_back_to_torch_func():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.PReLU(), nn.Linear(6, 3))
     x, y = torch.randn(9, 5), torch.randint(0, 3, (9,))
-    with pytest.raises(UserError):
-        per_sample_sq_norms(model, F.cross_entropy, x, y)
-    auto = per_sample_sq_norms(model, F.cross_entropy, x, y, method="auto")
+    with pytest.raises(UserError):  # hooks only, without the per-module fallback: PReLU has no kernel
+        per_sample_sq_norms(model, F.cross_entropy, x, y, fallback_forbid=["1"])
+    hooks = per_sample_sq_norms(model, F.cross_entropy, x, y)  # PReLU through the per-module fallback
+    auto = per_sample_sq_norms(model, F.cross_entropy, x, y, method="auto", fallback_forbid=["1"])
     slow = per_sample_sq_norms(model, F.cross_entropy, x, y, method="func")
     torch.testing.assert_close(auto.total, slow.total, rtol=1e-5, atol=1e-7)
-    assert set(auto.per_layer) == {"0", "1", "2"}
+    torch.testing.assert_close(hooks.total, slow.total, rtol=1e-5, atol=1e-7)
+    assert set(auto.per_layer) == {"0", "1", "2"} == set(hooks.per_layer)
 
 
 # -- layerwise ------------------------------------------------------------------------------------------

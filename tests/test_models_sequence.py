@@ -43,11 +43,17 @@ def test_the_vit_norms_come_exactly_from_the_hooks_at_28_and_32_pixels():
         torch.testing.assert_close(hooks, explicit, rtol=1e-4, atol=1e-6)
 
 
-def test_a_tied_head_is_refused_by_exact_by_name():
+def test_a_tied_head_is_measured_exactly_by_summing_both_uses_before_squaring():
+    torch.manual_seed(0)
     model = transformer_lm(num_classes=20, input_shape=(8,), width=16, depth=1, heads=2, tie_head=True)
     assert model.head.weight is model.tokens.weight
-    with pytest.raises(UserError, match="shared between modules"):
-        ExactEstimator().attach(model)
+    x, y = torch.randint(0, 20, (5, 8)), torch.randint(0, 20, (5, 8))
+    hooks, explicit = hooks_and_explicit(model, SEQUENCE, x, y)
+    torch.testing.assert_close(hooks, explicit, rtol=1e-4, atol=1e-6)
+    with pytest.raises(UserError, match="shared between modules"):  # one use alone would be wrong: refused
+        per_sample_sq_norms(model, SEQUENCE, x, y, exclude=["head"])
+    with pytest.raises(UserError, match="shared between modules"):  # without the fallback: refused by name
+        ExactEstimator(fallback=False).attach(model)
 
 
 @pytest.mark.parametrize("factory, kwargs, fragment", [

@@ -90,8 +90,13 @@ def test_a_goodput_run_logs_its_reasons_and_the_throughput_table(tmp_path, monke
 
     client = MlflowClient(tracking_uri=uri)
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    for key in ("policy/noise_scale", "policy/efficiency", "policy/predicted_goodput"):
+    for key in ("policy/efficiency", "policy/predicted_goodput"):
         assert len(client.get_metric_history(run.info.run_id, key)) == 3, key
+    # The noise scale is logged only where it is finite: the unbiased ||G||^2 of 256 sampled gradients
+    # can come out <= 0 near convergence, and which epoch that happens in depends on the batch sizes the
+    # measured timings chose on this machine.
+    noise = client.get_metric_history(run.info.run_id, "policy/noise_scale")
+    assert 1 <= len(noise) <= 3 and all(m.value > 0 for m in noise)
     sizes = sorted({int(m.value) for m in client.get_metric_history(run.info.run_id, "batch_size")})
     rows = json.loads(Path(client.download_artifacts(run.info.run_id, "throughput.json", str(tmp_path))).read_text())
     assert [row["batch_size"] for row in rows] == sizes

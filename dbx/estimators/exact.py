@@ -12,13 +12,21 @@ backward, no per-sample gradient materialised where the algebra avoids it) and `
 parameters' ``.grad`` once per optimizer step. Both stay on the device until ``estimate``.
 
 BatchNorm in training mode couples the samples of a batch, so "the gradient of sample i" is not
-unique. Like the DiveBatch authors (BackPACK's BatchL2Grad with BatchNorm treated as fixed for
-the backward), dbx takes as per-sample term the row of the batch gradient that belongs to sample
-i: the output gradient autograd delivers to sample i's rows (cross-sample terms through the batch
+unique. dbx takes as per-sample term the row of the batch gradient that belongs to sample i: the
+output gradient autograd delivers to sample i's rows (cross-sample terms through the batch
 statistics included) times sample i's own input, and for BatchNorm's affine parameters
-``sum b_i * xhat_i`` with the batch-normalised input. These terms sum exactly to the batch
+``sum b_i * xhat_i`` with the *batch*-normalised input. These terms sum exactly to the batch
 gradient, so S2 is consistent with S1. They are not the gradients of independent single-sample
-forwards; models without BatchNorm (or with it in eval mode) have no such ambiguity.
+forwards; models without BatchNorm (or with it in eval mode) have no such ambiguity. This is not
+what the DiveBatch authors' code does (BackPACK with BatchNorm switched to eval mode for the
+backward: running statistics in the weight terms, which then do not add up to S2);
+``weighting: authors`` reproduces their computation.
+
+Every module is measured by a dedicated kernel (``dbx.estimators.kernels``), by the rule for
+``nn.MultiheadAttention`` (``dbx.estimators.attention``), by the rule for recurrent layers
+(``dbx.estimators.recurrent``) or by the generic per-module fallback
+(``dbx.estimators.fallback``), and the first step of every measuring epoch is self-checked
+(``dbx.estimators.selfcheck``): a model the hooks would measure wrongly is an error, never a number.
 
 Under torchrun (DDP) each rank adds the norms of its own samples, and ``estimate`` sums the
 per-layer totals over the ranks with one all-reduce; ``S2`` is read from ``.grad`` after DDP's
@@ -35,11 +43,15 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from dbx.protocols import DiversityEstimate
 
-__all__ = ["ExactEstimator"]
+__all__ = ["ExactEstimator", "WEIGHTINGS"]
+
+#: ``weighting``: "dbx" (every sample's own loss gradient, batch-statistics BatchNorm terms) or
+#: "authors" (the DiveBatch authors' computation: see ``ExactEstimator``)
+WEIGHTINGS = ("dbx", "authors")
 
 
 class ExactEstimator:
@@ -60,25 +72,48 @@ class ExactEstimator:
       such layer; training is unchanged. Off automatically under ``torch.distributed`` (whose
       gradient hooks expect autograd to produce every gradient); turn it off for
       ``create_graph=True`` backwards (higher-order gradients).
+    - ``fallback`` (default true), ``fallback_force``, ``fallback_forbid``: the generic per-module
+      fallback measures modules without a dedicated kernel (per-sample gradients of that module
+      alone through ``torch.func``, from its inputs and output gradients recorded in the step);
+      ``fallback_force`` module-path patterns send modules with a kernel to it as well (a
+      MultiheadAttention matching one uses the generic fallback instead of its own rule),
+      ``fallback_forbid`` patterns keep modules from it (they are then refused by name).
+    - ``weighting``: ``dbx`` (default): every sample's own loss gradient, whatever the size of its
+      batch, and BatchNorm terms from the batch statistics. ``authors``: the DiveBatch authors'
+      computation: per-sample gradients of each step's *mean* loss (a sample weighs one over its
+      step's samples, so a short last batch counts more) and BatchNorm weight terms normalised with
+      the running statistics; S2 is the sum of the steps' mean-loss gradients.
 
-    Supported modules with parameters: Linear (any leading dimensions), Conv1d, Conv2d (any
-    stride, padding, padding mode, dilation, groups), BatchNorm1d/2d/3d, GroupNorm, LayerNorm,
-    RMSNorm, InstanceNorm (affine), Embedding (dense, without ``scale_grad_by_freq``); any module
-    without parameters. Anything else with trainable parameters is an error at ``attach`` that names
-    the module. Between ``attach`` and ``detach`` every backward through the model must be reported
+    Dedicated kernels: Linear (any leading dimensions), Conv1d, Conv2d (any stride, padding,
+    padding mode, dilation, groups), BatchNorm1d/2d/3d, GroupNorm, LayerNorm, RMSNorm, InstanceNorm
+    (affine), Embedding (dense, without ``scale_grad_by_freq``); MultiheadAttention (``out_proj``
+    included) and RNN/LSTM/GRU (``batch_first`` either way) have rules of their own; Conv3d,
+    ConvTranspose, EmbeddingBag, PReLU, Bilinear and user layers go through the fallback, as do all uses of a
+    parameter shared by several modules (a tied LM head), whose per-sample gradients are added
+    before squaring. Refused by name: modules that couple samples (BatchNorm in training mode inside
+    a fallback module, dropout the fallback cannot repeat, ``scale_grad_by_freq``, packed
+    sequences). Between ``attach`` and ``detach`` every backward through the model must be reported
     with ``on_backward``.
     """
 
     name = "exact"
 
-    def __init__(self, *, exclude: Sequence[str] = (), per_layer: bool = False, fuse_weight_grads: bool = True) -> None:
-        if isinstance(exclude, str):
-            exclude = [exclude]
-        self.exclude = tuple(exclude)
+    def __init__(self, *, exclude: Sequence[str] = (), per_layer: bool = False, fuse_weight_grads: bool = True,
+                 fallback: bool = True, fallback_force: Sequence[str] = (), fallback_forbid: Sequence[str] = (),
+                 weighting: Literal["dbx", "authors"] = "dbx") -> None:
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"estimator.params.weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
+        self.weighting = weighting
+        self.exclude = _patterns(exclude)
         self.per_layer = per_layer
         self.fuse_weight_grads = fuse_weight_grads
+        self.fallback = fallback
+        self.fallback_force = _patterns(fallback_force)
+        self.fallback_forbid = _patterns(fallback_forbid)
         self._include: Sequence[str] | None = None
         self._hooks: Any = None
+        self._selfcheck: Any = None
+        self._incoming: Any = None  # under DDP, this rank's own gradients of the self-checked step
         self._reset_sums()
 
     def _reset_sums(self) -> None:
@@ -94,16 +129,25 @@ class ExactEstimator:
     def attach(self, model: Any) -> None:
         import torch
 
-        from dbx.estimators.hooks import build_hooks
+        from dbx.estimators.hooks import Fallback, build_hooks
+        from dbx.estimators.selfcheck import SelfCheck, watched_from
 
         start = time.perf_counter()
         if self._hooks is not None:
             self.detach()
         fuse = self.fuse_weight_grads and not _distributed()
-        hooks, _ = build_hooks(model, include=self._include, exclude=self.exclude, estimator=self.name, fuse=fuse)
+        fallback = Fallback(self.fallback, self.fallback_force, self.fallback_forbid)
+        hooks, _ = build_hooks(model, include=self._include, exclude=self.exclude, estimator=self.name, fuse=fuse,
+                               fallback=fallback)
+        hooks.running_stats_bn = self.weighting == "authors"
         self._hooks = hooks
-        self._params = [p for layer in hooks.layers for p in layer.params]
-        self._layer_of_param = [layer.index for layer in hooks.layers for _ in layer.params]
+        self._selfcheck = SelfCheck(model, watched_from(hooks), estimator=self.name, hooks=hooks)
+        first: dict[int, tuple[Any, int]] = {}  # a shared parameter counts once, with its first owner
+        for layer in hooks.layers:
+            for p in layer.params:
+                first.setdefault(id(p), (p, layer.index))
+        self._params = [p for p, _ in first.values()]
+        self._layer_of_param = [index for _, index in first.values()]
         self._reset_sums()
         device = self._params[0].device
         self._sum_sq = torch.zeros(len(hooks.layers), dtype=torch.float64, device=device)
@@ -111,6 +155,8 @@ class ExactEstimator:
         self._samples = torch.zeros((), dtype=torch.long, device=device)
         self._sum_grad = [torch.zeros_like(p, dtype=torch.float32) for p in self._params]
         hooks.attach()
+        self._selfcheck.arm()  # records the first step, checked in its on_backward
+        self._incoming = _Incoming(self._params) if _distributed() else None
         self._seconds = time.perf_counter() - start
 
     def on_backward(self, loss_scale: Any) -> None:
@@ -125,6 +171,19 @@ class ExactEstimator:
         if rows is not None:
             self._step_sq.add_(rows.sum(1, dtype=torch.float64) / (loss_scale * loss_scale))
             self._step_samples += batch if batch is not None else rows.shape[1]
+        check = self._selfcheck
+        if check is not None and check.recorded:
+            try:
+                if self._incoming is not None:  # under DDP .grad is every rank's sum: compare this rank's own
+                    grads, self._incoming = self._incoming.release(), None
+                    check.check_sums(grads, accumulated=False)
+                else:
+                    check.check_sums({id(p): p.grad for p in self._params})
+                check.check_fused_norms(rows)
+                check.check_batch_dims()
+            finally:
+                check.disarm()
+                self._selfcheck = None
         self._seconds += time.perf_counter() - start
 
     def on_step(self, loss_scale: Any) -> None:
@@ -141,7 +200,12 @@ class ExactEstimator:
         if not self._checked:
             self._check_hooks_saw_all_uses()
         finite = torch.isfinite(self._step_sq).all()
-        self._sum_sq.add_(torch.where(finite, self._step_sq, 0.0))
+        step_sq = self._step_sq
+        if self.weighting == "authors" and self._step_samples:
+            # the authors' statistic is of the step's mean loss: sample i weighs 1 / (its step's samples)
+            step_sq = step_sq / float(self._step_samples) ** 2
+            loss_scale = loss_scale * self._step_samples
+        self._sum_sq.add_(torch.where(finite, step_sq, 0.0))
         self._samples.add_(finite.long() * self._step_samples)
         self._step_sq.zero_()
         self._step_samples = 0
@@ -187,6 +251,12 @@ class ExactEstimator:
         )
 
     def detach(self) -> None:
+        if self._incoming is not None:
+            self._incoming.release()
+            self._incoming = None
+        if self._selfcheck is not None:
+            self._selfcheck.disarm()
+            self._selfcheck = None
         if self._hooks is not None:
             self._hooks.detach()
             self._hooks = None
@@ -210,6 +280,28 @@ class ExactEstimator:
             )
 
 
+class _Incoming:
+    """This rank's own gradient of each parameter in one backward, copied as autograd delivers it,
+    before DDP's all-reduce replaces ``.grad`` with every rank's sum (what the self-check must
+    compare the hooks' sums with under torchrun). Only the first measuring step pays for it."""
+
+    def __init__(self, params: Sequence[Any]) -> None:
+        self.grads: dict[int, Any] = {}
+        self.handles = [p.register_hook(self._keeper(id(p))) for p in params if p.requires_grad]
+
+    def _keeper(self, key: int) -> Callable[[Any], None]:
+        def keep(grad: Any) -> None:
+            self.grads[key] = grad.detach().clone() if key not in self.grads else self.grads[key] + grad.detach()
+
+        return keep
+
+    def release(self) -> dict[int, Any]:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        return self.grads
+
+
 def _summed_over_ranks(sum_sq: Any, samples: Any) -> Any:
     """``[per-layer sums of ||g_i||^2..., samples]`` over every rank's samples: one all-reduce of
     ``layers + 1`` numbers per measuring epoch. (The summed gradient needs none: DDP's all-reduced
@@ -219,6 +311,10 @@ def _summed_over_ranks(sum_sq: Any, samples: Any) -> Any:
     from dbx.distributed import sum_across_ranks
 
     return sum_across_ranks(torch.cat([sum_sq, samples.view(1).to(sum_sq.dtype)]))
+
+
+def _patterns(value: Sequence[str] | str) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def _distributed() -> bool:

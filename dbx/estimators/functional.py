@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from dbx.estimators.hooks import ROOT, EstimatorConfigError, build_hooks
+from dbx.estimators.hooks import NO_FALLBACK, ROOT, EstimatorConfigError, Fallback, build_hooks
 
 __all__ = ["PerSampleSqNorms", "per_sample_sq_norms", "per_sample_grads_func"]
 
@@ -59,6 +59,8 @@ def per_sample_sq_norms(
     exclude: Sequence[str] = (),
     method: str = "hooks",
     form: str = "auto",
+    fallback_force: Sequence[str] = (),
+    fallback_forbid: Sequence[str] = (),
 ) -> PerSampleSqNorms:
     """``||grad_theta loss_fn(model(x_i), y_i)||^2`` for each of the B samples of a batch.
 
@@ -67,16 +69,27 @@ def per_sample_sq_norms(
     patterns restricting the measured modules (as in the estimators' params). See the module
     docstring for ``method``. ``form`` chooses the algebra of the Linear, Conv and Embedding
     kernels ("ghost", "explicit", or "auto": the cheaper per layer); the results agree. The model
-    runs in its current mode (train/eval).
+    runs in its current mode (train/eval). ``loss_fn`` may also be a loss module
+    (``nn.CrossEntropyLoss()``, any module with a ``reduction`` attribute): it is called with
+    ``reduction="sum"`` for the duration of the call.
+
+    Modules without a dedicated kernel are measured by the generic per-module fallback
+    (``dbx.estimators.fallback``); ``fallback_force``/``fallback_forbid`` are module-path patterns
+    that send modules to it or keep them from it. With hooks, the result is self-checked
+    (``dbx.estimators.selfcheck``): a model the hooks would measure wrongly raises
+    ``EstimatorConfigError`` instead. An empty batch gives empty results.
     """
     if method not in ("hooks", "func", "auto"):
         raise ValueError(f"method must be 'hooks', 'func' or 'auto', got {method!r}")
+    loss_fn = _sum_loss(loss_fn)
+    if _batch_size(inputs) == 0:
+        return _empty(model, layers, exclude)
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     try:
         if method == "func":
             return _func_only(model, loss_fn, inputs, targets, layers, exclude)
         return _with_hooks(model, loss_fn, inputs, targets, layers, exclude, allow_uncovered=(method == "auto"),
-                           form=form)
+                           form=form, fallback=Fallback(True, tuple(fallback_force), tuple(fallback_forbid)), selfcheck=True)
     finally:
         with torch.no_grad():
             for name, b in model.named_buffers():
@@ -85,21 +98,31 @@ def per_sample_sq_norms(
 
 
 def _with_hooks(model, loss_fn, inputs, targets, layers, exclude, *, allow_uncovered: bool,
-                form: str = "auto", estimator: str = "per_sample_sq_norms") -> PerSampleSqNorms:
+                form: str = "auto", estimator: str = "per_sample_sq_norms",
+                fallback: Fallback = NO_FALLBACK, selfcheck: bool = False) -> PerSampleSqNorms:
+    from dbx.estimators.selfcheck import SelfCheck, watched_from
+
     hooks, own = build_hooks(model, include=layers, exclude=exclude, estimator=estimator, form=form,
-                             allow_uncovered=allow_uncovered)
+                             allow_uncovered=allow_uncovered, fallback=fallback)
+    check = SelfCheck(model, watched_from(hooks), estimator=estimator, hooks=hooks)
     params = {id(p): p for layer in hooks.layers for p in layer.params}  # insertion-ordered, deduplicated
     for _, _, named in own.uncovered:
         params.update({id(p): p for _, p in named})
     names = _param_names(model)
     plist = list(params.values())
     hooks.attach()
+    if selfcheck:
+        check.arm()
     try:
         with torch.enable_grad():
             loss = loss_fn(model(inputs), targets, reduction="sum")
             grads = torch.autograd.grad(loss, plist, allow_unused=True)
         rows = hooks.collect()
+        if selfcheck:
+            check.check_sums({id(p): g for p, g in zip(plist, grads, strict=True)}, accumulated=False)
+            check.check_batch_dims()
     finally:
+        check.disarm()
         hooks.detach()
     n = _batch_size(inputs)
     per_layer: dict[str, Tensor] = {}
@@ -130,14 +153,17 @@ def _func_only(model, loss_fn, inputs, targets, layers, exclude) -> PerSampleSqN
     own = ownership(model, layers, exclude)
     names = _param_names(model)
     groups: dict[str, list[str]] = {}
+    seen: set[int] = set()  # a shared parameter counts once, with its first owner
     for path, _, _, params in own.covered:
-        groups[path or ROOT] = [names[id(p)] for p in params]
+        groups[path or ROOT] = [names[id(p)] for p in params if id(p) not in seen]
+        seen.update(id(p) for p in params)
     for path, _, named in own.uncovered:
-        groups[path or ROOT] = [names[id(p)] for _, p in named]
+        groups[path or ROOT] = [names[id(p)] for _, p in named if id(p) not in seen]
+        seen.update(id(p) for _, p in named)
     if not groups:
         raise EstimatorConfigError("per_sample_sq_norms: no trainable parameters selected")
     per_param = per_sample_grads_func(model, loss_fn, inputs, targets, [n for ns in groups.values() for n in ns])
-    per_layer = {key: sum(_sq_rows(per_param[n]) for n in ns) for key, ns in groups.items()}
+    per_layer = {key: sum(_sq_rows(per_param[n]) for n in ns) for key, ns in groups.items() if ns}
     total = torch.stack(list(per_layer.values())).sum(0)
     grad_sum = {n: _at_least_f32(g.sum(0)) for n, g in per_param.items()}
     return PerSampleSqNorms(total=total, per_layer=per_layer, grad_sum=grad_sum)
@@ -191,3 +217,37 @@ def _batch_size(inputs: Any) -> int:
         return _batch_size(next(iter(inputs.values())))
     raise TypeError(f"cannot tell the batch size of inputs of type {type(inputs).__name__}")
 
+
+
+def _sum_loss(loss_fn: Any) -> Callable[..., Tensor]:
+    """``loss_fn`` callable as ``loss_fn(outputs, targets, reduction="sum")``: functions as they are,
+    loss modules (``nn.CrossEntropyLoss()``) with their ``reduction`` set to "sum" for each call."""
+    if not isinstance(loss_fn, nn.Module):
+        return loss_fn
+    if not hasattr(loss_fn, "reduction"):
+        raise TypeError(f"loss_fn: the module {type(loss_fn).__name__} has no 'reduction' attribute, so dbx cannot "
+                        f"make it a sum of per-sample losses; pass a function loss_fn(outputs, targets, reduction=...)")
+
+    def summed(outputs: Tensor, targets: Tensor, reduction: str = "sum") -> Tensor:
+        was = loss_fn.reduction
+        loss_fn.reduction = reduction
+        try:
+            return loss_fn(outputs, targets)
+        finally:
+            loss_fn.reduction = was
+
+    return summed
+
+
+def _empty(model: nn.Module, layers: Sequence[str] | None, exclude: Sequence[str]) -> PerSampleSqNorms:
+    """The result for a batch of no samples: empty norms, zero gradient sums."""
+    from dbx.estimators.hooks import ownership
+
+    own = ownership(model, layers, exclude, Fallback())
+    names = _param_names(model)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    per_layer = {path or ROOT: torch.zeros(0, device=device) for path, *_ in own.covered + own.uncovered}
+    grad_sum = {names[id(p)]: torch.zeros_like(p, dtype=torch.float32)
+                for _, _, _, params in own.covered for p in params}
+    grad_sum.update({names[id(p)]: torch.zeros_like(p, dtype=torch.float32) for _, _, named in own.uncovered for _, p in named})
+    return PerSampleSqNorms(total=torch.zeros(0, device=device), per_layer=per_layer, grad_sum=grad_sum)

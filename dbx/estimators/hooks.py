@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from dbx.errors import UserError
 from dbx.estimators import kernels as K
 
-__all__ = ["NormHooks", "Layer", "ROOT", "matches", "EstimatorConfigError"]
+__all__ = ["NormHooks", "Layer", "ROOT", "matches", "EstimatorConfigError", "Fallback"]
 
 #: The key of parameters owned by the model object itself (a model that *is* an ``nn.Linear``).
 ROOT = "root"
@@ -92,31 +92,83 @@ class Ownership:
     uncovered: list[tuple[str, nn.Module, list[tuple[str, nn.Parameter]]]]
     shared: list[tuple[str, list[str]]]  # parameter name, module paths that own it
     shared_ids: set[int]
+    #: shared parameters measured anyway: every module using them goes through the generic fallback,
+    #: whose per-sample gradients of each use are added up before squaring
+    measured_shared: frozenset[int] = frozenset()
+    #: module path -> the dimension holding the samples, for modules inside a time-major
+    #: (``batch_first=False``) Transformer layer: dimension 1, from the parent's semantics
+    batch_dims: dict[str, int] = field(default_factory=dict)
 
 
-def ownership(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str]) -> Ownership:
+@dataclass(frozen=True)
+class Fallback:
+    """Which modules the generic per-module fallback (``dbx.estimators.fallback``) measures: by default
+    those without a dedicated kernel; ``force`` patterns also those with one, ``forbid`` patterns none."""
+
+    enabled: bool = True
+    force: tuple[str, ...] = ()
+    forbid: tuple[str, ...] = ()
+
+
+#: no generic fallback: modules without a dedicated kernel are refused (or left to the caller)
+NO_FALLBACK = Fallback(enabled=False)
+
+
+def ownership(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str],
+              fallback: Fallback = NO_FALLBACK) -> Ownership:
     """Walk ``model`` and sort its trainable parameters by owning module (included ones only)."""
+    from dbx.estimators import fallback as FB
+
     owners: dict[int, list[str]] = {}
     names: dict[int, str] = {}
     covered, uncovered = [], []
+    claimed: list[str] = []  # modules measured as a whole with their children (MultiheadAttention)
+    time_major: list[str] = []  # Transformer layers with batch_first=False: their children see (T, B, ...)
+    batch_dims: dict[str, int] = {}
     for path, module in model.named_modules(remove_duplicate=True):
+        if FB.time_major_parent(module):
+            time_major.append(path)
         own = [(n, p) for n, p in module._parameters.items() if p is not None and p.requires_grad]
-        if not own:
-            continue
         for n, p in own:
             owners.setdefault(id(p), []).append(path)
             names.setdefault(id(p), f"{path}.{n}" if path else n)
-        if (include is not None and not matches(path, include)) or matches(path, exclude):
+        if any(path.startswith(c + ".") for c in claimed):
+            continue
+        picked = (include is None or matches(path, include)) and not matches(path, exclude)
+        if picked and fallback.enabled and FB.claims_children(module) and not matches(path, fallback.forbid):
+            claimed.append(path)
+            covered.append((path, module, FB.fallback_kernel(), [p for _, p in FB.fallback_params(module)]))
+            continue
+        if not own or not picked:
             continue
         kernel = K.kernel_for(module)
+        inside = fallback.enabled and any(path.startswith(t + ".") for t in time_major)
+        if inside and not matches(path, fallback.forbid):
+            batch_dims[path] = 1
+        if fallback.enabled and (kernel is None or matches(path, fallback.force) or path in batch_dims) and not matches(
+                path, fallback.forbid):
+            kernel = FB.fallback_kernel()
         if kernel is None:
             uncovered.append((path, module, own))
         else:
             covered.append((path, module, kernel, [p for _, p in own]))
+    for path in claimed:  # the claimed children's parameters belong to their parent
+        for n, p in model.get_submodule(path).named_parameters():
+            if "." in n and id(p) in owners:
+                owners[id(p)] = [path if o.startswith(path + ".") else o for o in owners[id(p)]]
     included = {path for path, *_ in covered} | {path for path, *_ in uncovered}
     shared_ids = {i for i, paths in owners.items() if len(paths) > 1 and any(p in included for p in paths)}
+    handled: set[int] = set()
+    if fallback.enabled and shared_ids:
+        covered_paths = {path for path, *_ in covered}
+        handled = {i for i in shared_ids
+                   if all(o in covered_paths and not matches(o, fallback.forbid) for o in owners[i])}
+        covered = [(path, module, FB.fallback_kernel(), params)
+                   if any(id(p) in handled for p in params) else (path, module, kernel, params)
+                   for path, module, kernel, params in covered]
+        shared_ids = shared_ids - handled
     shared = [(names[i], owners[i]) for i in shared_ids]
-    return Ownership(covered, uncovered, shared, shared_ids)
+    return Ownership(covered, uncovered, shared, shared_ids, frozenset(handled), batch_dims)
 
 
 class _Reach(torch.autograd.Function):
@@ -172,11 +224,19 @@ class NormHooks:
         self.model = model
         self.form = K.check_form(form)
         self.estimator = estimator
+        self.fuse = fuse  # rules of their own (MultiheadAttention) may supply weight gradients too
         self.layers = [Layer(path, module, kernel, i, params)
                        for i, (path, module, kernel, params) in enumerate(layers)]
         for layer in self.layers:
             layer.fusable = fuse and layer.kernel.plan is not None and K._trainable(layer.module, "weight")
         self.batch: int | None = None  # leading dimension of the model's input in this forward
+        self.generic_only: tuple[str, ...] = ()  # module patterns the generic fallback measures (no special rule)
+        self.shared: frozenset[int] = frozenset()  # ids of shared parameters (see ``Ownership.measured_shared``)
+        #: BatchNorm's per-sample weight terms from its running statistics, as the DiveBatch authors'
+        #: code (BackPACK with BatchNorm in eval mode for the backward) computes them
+        self.running_stats_bn = False
+        self.batch_dims: dict[str, int] = {}  # see ``Ownership.batch_dims``
+        self.shared_sums: dict[int, Tensor] = {}  # id -> (B, *shape) per-sample gradient summed over its uses
         self.seconds = 0.0
         self.enabled = True
         self._slots: list[Tensor | None] = [None] * len(self.layers)
@@ -194,6 +254,11 @@ class NormHooks:
             if layer.fusable:
                 self._handles.append(layer.module.register_forward_pre_hook(partial(self._fuse_pre_hook, layer),
                                                                             with_kwargs=True))
+            if layer.kernel.name == "fallback":
+                from dbx.estimators.fallback import register
+
+                self._handles.append(register(self, layer))
+                continue
             self._handles.append(layer.module.register_forward_hook(
                 partial(self._forward_hook, layer), with_kwargs=True, always_call=layer.fusable))
         self.reset()
@@ -225,6 +290,7 @@ class NormHooks:
         self._filled = 0
         self._touched = []
         self.batch = None
+        self.shared_sums = {}
 
     # -- hooks -------------------------------------------------------------------------------
     def _root_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -269,6 +335,8 @@ class NormHooks:
         x = args[0] if args else next(iter(kwargs.values()))
         if self.batch is None:
             self.batch = x.shape[0] if x.dim() > 0 else None
+        if self.batch == 0:  # an empty batch: no samples, no norms
+            return
         if x.dim() == 0 or x.shape[0] != self.batch or output.shape[0] != self.batch:
             raise EstimatorConfigError(
                 f"estimator {self.estimator!r} needs batch-first inputs: module {display(layer.path)!r} "
@@ -281,7 +349,10 @@ class NormHooks:
             self._touched.append(layer)
         layer.calls += 1
         layer.fired = True
-        ctx = layer.kernel.capture(module, x, output)
+        if self.running_stats_bn and layer.kernel.name == "batchnorm":  # the authors' BatchNorm terms
+            ctx = (x, None, None)  # normalised with the running statistics, read at backward time
+        else:
+            ctx = layer.kernel.capture(module, x, output)
         output.register_hook(partial(self._grad_hook, layer, ctx, fused))
         self.seconds += time.perf_counter() - start
 
@@ -331,6 +402,11 @@ class NormHooks:
                 self._flush(layer)
             layer.calls = 0
         self._touched = []
+        if self.shared_sums:  # a shared parameter's norm, from the sum of its uses, goes to its first owner
+            for pid, per_sample in self.shared_sums.items():
+                owner = next(layer for layer in self.layers if any(id(p) == pid for p in layer.params))
+                self._store(owner, K._sq(per_sample.flatten(1), 1))
+            self.shared_sums = {}
         if self._filled == 0:
             self.reset()
             return None
@@ -356,13 +432,14 @@ class NormHooks:
 
 
 def build_hooks(model: nn.Module, *, include: Sequence[str] | None, exclude: Sequence[str], estimator: str,
-                form: str = "auto", allow_uncovered: bool = False, fuse: bool = False) -> tuple[NormHooks, Ownership]:
+                form: str = "auto", allow_uncovered: bool = False, fuse: bool = False,
+                fallback: Fallback = NO_FALLBACK) -> tuple[NormHooks, Ownership]:
     """Check ``model`` and build hooks for its included parameter-owning modules.
 
     Raises ``EstimatorConfigError`` for parameters shared between modules, for unsupported
     modules (unless ``allow_uncovered``) and when the patterns select nothing.
     """
-    own = ownership(model, include, exclude)
+    own = ownership(model, include, exclude, fallback)
     if own.shared and allow_uncovered:  # shared parameters go to the caller's fallback
         keep = [c for c in own.covered if not any(id(p) in own.shared_ids for p in c[3])]
         moved = [(path, module, [(n, p) for n, p in module._parameters.items() if p is not None and p.requires_grad])
@@ -395,7 +472,11 @@ def build_hooks(model: nn.Module, *, include: Sequence[str] | None, exclude: Seq
             + (f" outside {list(exclude)}" if exclude else "")
             + f". Parameter-owning modules of this model: {_owner_listing(model)}"
         )
-    return NormHooks(model, own.covered, form=form, estimator=estimator, fuse=fuse), own
+    hooks = NormHooks(model, own.covered, form=form, estimator=estimator, fuse=fuse)
+    hooks.generic_only = fallback.force
+    hooks.shared = own.measured_shared
+    hooks.batch_dims = own.batch_dims
+    return hooks, own
 
 
 def _owner_listing(model: nn.Module, limit: int = 12) -> str:

@@ -651,8 +651,8 @@ def _feature_affine(module: nn.Module, xhats: list[Tensor], gs: list[Tensor], fe
     gw = gb = None
     for xhat, y in zip(xhats, gs, strict=True):
         y3 = _f32(y.reshape(n, -1, features))
-        if _trainable(module, "weight"):
-            w = torch.einsum("btf,btf->bf", y3, xhat.reshape(n, -1, features))
+        if _trainable(module, "weight"):  # a product and a sum: on CPU 10x faster than einsum's bmm
+            w = (y3 * xhat.reshape(n, -1, features)).sum(1)
             gw = w if gw is None else gw + w
         if _trainable(module, "bias"):
             b = y3.sum(1)
@@ -747,10 +747,26 @@ def _groupnorm_sq_norms(module: nn.GroupNorm, xs: list[Tensor], gs: list[Tensor]
     return _channel_affine(module, xhats, gs)
 
 
-def _layernorm_sq_norms(module: nn.LayerNorm, xs: list[Tensor], gs: list[Tensor], form: str,
+def _layernorm_capture(module: nn.LayerNorm, x: Tensor, output: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The input and the mean and inverse std the forward normalised with, kept by autograd for
+    its own backward (no second normalisation at backward time), when they are there."""
+    node = output.grad_fn
+    if type(node).__name__ == "NativeLayerNormBackward0":
+        mean, rstd = getattr(node, "_saved_result1", None), getattr(node, "_saved_result2", None)
+        if isinstance(mean, Tensor) and isinstance(rstd, Tensor) and mean.shape == rstd.shape:
+            return x, mean, rstd
+    return x, None, None
+
+
+def _layernorm_sq_norms(module: nn.LayerNorm, ctxs: list, gs: list[Tensor], form: str,
         fused: list[bool] | None = None) -> Tensor:
     shape = tuple(module.normalized_shape)
-    xhats = [F.layer_norm(_f32(x), shape, eps=module.eps) for x in xs]
+    xhats = []
+    for x, mean, rstd in ctxs:
+        if mean is None:
+            xhats.append(F.layer_norm(_f32(x), shape, eps=module.eps))
+        else:
+            xhats.append((_f32(x) - mean) * rstd)
     return _feature_affine(module, xhats, gs, math.prod(shape))
 
 
@@ -801,7 +817,7 @@ def _kernels() -> list[Kernel]:
         Kernel("instancenorm", (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d),
                _instancenorm_sq_norms, _instancenorm_capture),
         Kernel("groupnorm", (nn.GroupNorm,), _groupnorm_sq_norms),
-        Kernel("layernorm", (nn.LayerNorm,), _layernorm_sq_norms),
+        Kernel("layernorm", (nn.LayerNorm,), _layernorm_sq_norms, _layernorm_capture),
         Kernel("embedding", (nn.Embedding,), _embedding_sq_norms, param_names=("weight",)),
     ]
     if hasattr(nn, "RMSNorm"):
