@@ -403,6 +403,14 @@ class Spec(_Section):
     on_nonfinite: Literal["stop", "skip_step"] = Field(
         "stop", description="a NaN/inf loss: stop the run as FAILED, or skip that optimizer step"
     )
+    compile: StrictBool = Field(
+        False, description="torch.compile the model for the plain training steps, its batch dimension dynamic (one "
+        "compilation for every batch size); measuring steps and evaluation run eagerly"
+    )
+    cuda_graphs: StrictBool = Field(
+        False, description="CUDA only: capture the plain training step as a CUDA graph per batch shape and replay it "
+        "(measuring steps run eagerly); a step that cannot be captured trains without graphs, with a message"
+    )
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="checkpoints for resuming")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow settings")
     sweep: dict[SweepKey, SweepValues] | None = Field(

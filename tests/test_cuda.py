@@ -169,3 +169,113 @@ def test_dbx_run_trains_on_cuda_in_every_precision(tmp_path, monkeypatch, amp):
     assert "cuda" in run.data.tags["device"]
     diversity = [m.value for m in client.get_metric_history(run.info.run_id, "diversity")]
     assert diversity and all(0 < d < float("inf") for d in diversity), diversity
+
+
+GRAPHS_BASE = {
+    "name": "graphs", "seed": 0, "device": "cuda", "epochs": 3, "eval_batch_size": 256,
+    "data": {"name": "synthetic_logistic", "params": {"n": 1000, "d": 32}},  # 800 training samples
+    "model": {"name": "mlp", "params": {"widths": [64, 64]}},
+    "optimizer": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+    "schedule": {"name": "cosine"},  # a new lr every epoch: every graph is captured anew
+    "policy": {"name": "fixed", "params": {"batch_size": 96}},  # 8 batches of 96, one of 32
+    "clip_grad_norm": 5.0,
+    "checkpoint": {"enabled": False}, "tracking": {"system_metrics": False},
+}
+
+
+class Recorder:
+    def __init__(self):
+        self.epochs = []
+
+    def log_epoch(self, epoch, metrics):
+        self.epochs.append(metrics)
+
+
+def graphs_run(**extra):
+    from dbx.spec import spec_from_dict
+    from dbx.train.loop import fit
+    from dbx.train.parts import build_parts
+
+    spec = spec_from_dict({**GRAPHS_BASE, **extra})
+    parts = build_parts(spec, torch.device("cuda"))
+    recorder, lines = Recorder(), []
+    fit(spec, parts, recorder, say=lines.append)
+    return recorder.epochs, [p.detach().cpu() for p in parts.model.parameters()], lines
+
+
+@pytest.mark.parametrize("extra", [{}, {"optimizer": {"name": "adamw", "lr": 1e-3}},
+                                   # epoch 2 measures eagerly between graphed epochs 1 and 3
+                                   {"policy": {"name": "divebatch", "params": {"initial": 96, "max": 384,
+                                                                              "resize_every": 2}}},
+                                   {"max_micro_batch": 48}],
+                         ids=["sgd", "adamw-capturable", "measuring-epochs", "micro-batches"])
+def test_cuda_graphs_train_the_eager_runs_curves(exact_float32, extra):
+    eager, eager_weights, _ = graphs_run(**extra)
+    graphed, weights, lines = graphs_run(cuda_graphs=True, **extra)
+    assert not any(line.startswith("cuda_graphs") for line in lines), lines  # captured, no fallback
+    keys = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "batch_size", "grad_norm", "diversity")
+    for epoch, (got, want) in enumerate(zip(graphed, eager), start=1):
+        for key in keys:
+            if key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), f"epoch {epoch} {key}"
+    for got, want in zip(weights, eager_weights):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_graphs_capture_one_graph_per_batch_shape_and_replay_it():
+    from dbx.spec import spec_from_dict
+    from dbx.train.cuda_graphs import StepGraphs
+    from dbx.train.loop import train_one_epoch
+    from dbx.train.parts import build_parts
+
+    spec = spec_from_dict({**GRAPHS_BASE, "cuda_graphs": True})
+    parts = build_parts(spec, torch.device("cuda"))
+    graphs = StepGraphs(parts, max_micro_batch=None)
+    train_one_epoch(parts, None, None, lambda: None, graphs=graphs)  # the first epoch captures
+    assert not graphs.failed and len(graphs._graphs) == 2  # B = 96 and the last batch of 32
+    captured = dict(graphs._graphs)
+    torch.cuda.synchronize()
+    replayed = synchronisations(lambda: train_one_epoch(parts, None, None, lambda: None, graphs=graphs))
+    assert graphs._graphs == captured  # same lr: replayed, not captured again
+    eager = synchronisations(lambda: train_one_epoch(parts, None, None, lambda: None))
+    assert replayed <= eager, (replayed, eager)  # replaying waits for the device no more than eager steps
+
+
+class Syncing(torch.nn.Module):
+    """A model whose forward reads a value on the host: it cannot be captured."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(32, 2)
+
+    def forward(self, x):
+        if x.abs().max().item() > 1e9:
+            x = x.clamp(-1e9, 1e9)
+        return self.linear(x)
+
+
+def test_a_step_that_cannot_be_captured_trains_without_graphs_and_says_so():
+    from dbx.spec import spec_from_dict
+    from dbx.train.cuda_graphs import StepGraphs
+    from dbx.train.loop import train_one_epoch
+    from dbx.train.parts import build_parts
+
+    results = []
+    for graphed in (False, True):
+        spec = spec_from_dict(GRAPHS_BASE)
+        parts = build_parts(spec, torch.device("cuda"))
+        torch.manual_seed(0)
+        parts.model = Syncing().cuda()
+        parts.optimizer = torch.optim.SGD(parts.model.parameters(), lr=0.1)
+        lines = []
+        graphs = StepGraphs(parts, max_micro_batch=None, say=lines.append) if graphed else None
+        trained = [train_one_epoch(parts, None, None, lambda: None, graphs=graphs) for _ in range(2)]
+        results.append((trained, lines, graphs))
+    (eager, _, _), (fallback, lines, graphs) = results
+    assert graphs.failed and len(lines) == 1 and "could not be captured" in lines[0], lines
+    assert [t.loss for t in fallback] == pytest.approx([t.loss for t in eager], rel=1e-5)
+
+
+def test_cuda_graphs_with_fp16_train_eagerly_and_say_why():
+    _, _, lines = graphs_run(cuda_graphs=True, amp="fp16", epochs=1)
+    assert any("training without CUDA graphs: amp: fp16" in line for line in lines), lines

@@ -105,16 +105,20 @@ def test_a_hugging_face_gpt2_from_a_config_is_a_language_model_measured_by_the_s
     assert sizes[0] == 8 and sizes[-1] > 8
 
 
-def test_the_exact_estimator_names_what_it_cannot_measure_in_a_library_model_before_the_run(tmp_path, store):
+def test_exact_names_gpt2s_batch_shared_position_lookup_and_measures_the_rest_tied_head_included(tmp_path, store):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("tied embeddings share one weight between two modules " * 40)
-    text = TEXT.format(name="hf-exact", path=corpus, policy=GROWING, estimator="{name: exact}",
-                       model="{name: transformers, params: {model_type: gpt2, config: {n_layer: 1, n_embd: 16, "
-                             "n_head: 2}}}")
+    gpt2 = "{name: transformers, params: {model_type: gpt2, config: {n_layer: 1, n_embd: 16, n_head: 2}}}"
+    text = TEXT.format(name="hf-exact", path=corpus, policy=GROWING, estimator="{name: exact}", model=gpt2)
     result, _, _ = dbx_run(tmp_path, store, text)
     assert result.exit_code == 2
-    assert "shared between modules" in result.output and "'model.lm_head'" in result.output
-    assert "subsampled" in result.output  # the way out
+    assert "'model.transformer.wpe'" in result.output and "exclude" in result.output  # a (1, T) lookup: no samples
+    assert "subsampled" in result.output  # the other way out
+
+    text = TEXT.format(name="hf-exact-wpe", path=corpus, policy=GROWING,
+                       estimator="{name: exact, params: {exclude: ['*.wpe']}}", model=gpt2)
+    result, _, _ = dbx_run(tmp_path, store, text)
+    assert result.exit_code == 0, result.output  # the tied wte/lm_head weight passes the self-check
 
 
 def test_an_image_classifier_from_a_hugging_face_config_gets_the_data_sizes():

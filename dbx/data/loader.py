@@ -4,8 +4,8 @@
 
 - ``TensorLoader`` for a split given as a pair ``(inputs, targets)`` of tensors. Both tensors are
   moved to the training device once; each epoch draws a permutation from a seeded CPU generator
-  and yields batches by index on the device, gathered a block of batches at a time (about 32 MiB
-  of inputs; views of it are the batches). No DataLoader, no worker processes, no host-device
+  and yields batches by index on the device, gathered a block of batches at a time (about 1 MiB
+  of inputs on the CPU, 32 MiB on a GPU; views of it are the batches). No DataLoader, no worker processes, no host-device
   copies per step: a large batch costs one gather, a small one a share of one.
 - ``DatasetLoader`` for a ``torch.utils.data.Dataset`` (image folders and other data too large to
   hold on the device): a ``torch.utils.data.DataLoader`` with workers and pinned memory, created
@@ -44,9 +44,11 @@ Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 # order in which samples are visited.
 _AUGMENT_STREAM = 0x5EED_A06
 
-# A shuffled epoch gathers this many bytes of inputs at a time (at least one batch): large enough
-# that the gather's cost per step vanishes at small batches, small beside the data set itself.
-BLOCK_BYTES = 32 * 2**20
+# A shuffled epoch gathers this many bytes of inputs at a time (at least one batch), so that small
+# batches share one gather. On the CPU the block stays small enough to be in cache when its batches
+# are used (a larger one would be read back from memory, which a memory-bound model such as
+# logistic regression notices); on a GPU only the number of launches matters.
+BLOCK_BYTES = {"cpu": 2**20, "cuda": 32 * 2**20}
 
 
 class BatchLoader:
@@ -153,7 +155,8 @@ class TensorLoader(BatchLoader):
         # Gather a block of whole batches at once (about BLOCK_BYTES of inputs) and hand out views
         # of it: one gather per block instead of two per step, which small batches notice. Under
         # torchrun the block's global batches are cut to this rank's slices before the gather.
-        rows = max(size, BLOCK_BYTES // max(1, self._row_bytes) // size * size)
+        block_bytes = BLOCK_BYTES.get(self.device.type, BLOCK_BYTES["cpu"])
+        rows = max(size, block_bytes // max(1, self._row_bytes) // size * size)
         for block in order.split(rows):
             sizes: int | list[int] = size
             if self.world_size > 1:

@@ -234,7 +234,7 @@ class SelfCheck:
         if rows is None:
             return
         start = time.perf_counter()
-        floor = NOISE_FLOOR * float(rows.double().sum(0).norm())  # as in ``check_sums``
+        floor = NOISE_FLOOR * float(rows.detach().double().sum(0).norm())  # as in ``check_sums``
         with torch.no_grad():
             for w in self.watched:
                 layer = w.layer

@@ -24,6 +24,7 @@ from dbx.distributed.ddp import accumulating
 from dbx.errors import RunFailed
 from dbx.protocols import DiversityEstimate, EpochState
 from dbx.train import throughput
+from dbx.train.cuda_graphs import StepGraphs, graphs_unsupported
 from dbx.train.lr import rescale_factor, scheduled_lr
 from dbx.train.parts import Parts
 from dbx.train.progress import EpochProgress
@@ -87,6 +88,7 @@ def fit(spec: Any, parts: Parts, tracker: Tracker, *, say: Callable[[str], None]
     loader.set_batch_size(state.batch_size)
     wall_start = time.perf_counter() - state.train_seconds - state.eval_seconds
     say(_batch_line(spec, state.batch_size, _lr_for(spec, state, state.epoch + 1), "start"))
+    graphs = step_graphs(spec, parts, say)  # cuda_graphs: true (else None)
 
     for epoch in range(state.epoch + 1, spec.epochs + 1):
         lr = _lr_for(spec, state, epoch)
@@ -100,7 +102,8 @@ def fit(spec: Any, parts: Parts, tracker: Tracker, *, say: Callable[[str], None]
             estimator.attach(model)
         with EpochProgress(f"epoch {epoch}/{spec.epochs}", total=len(loader)) as progress:
             trained = train_one_epoch(parts, spec.max_micro_batch, estimator if measuring else None, progress.advance,
-                                      skip_nonfinite=spec.on_nonfinite == "skip_step", clip=spec.clip_grad_norm)
+                                      skip_nonfinite=spec.on_nonfinite == "skip_step", clip=spec.clip_grad_norm,
+                                      graphs=None if measuring else graphs)
         train_loss, train_acc = trained.loss, trained.accuracy
         diversity: DiversityEstimate | None = None
         if measuring:
@@ -179,7 +182,8 @@ def fit(spec: Any, parts: Parts, tracker: Tracker, *, say: Callable[[str], None]
 
 
 def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, on_step: Callable[[], None],
-                    *, skip_nonfinite: bool = False, clip: float | None = None) -> TrainedEpoch:
+                    *, skip_nonfinite: bool = False, clip: float | None = None,
+                    graphs: StepGraphs | None = None) -> TrainedEpoch:
     """One pass over the training data.
 
     The step does what a bare hand-written loop does and little else: losses, predictions and
@@ -194,6 +198,9 @@ def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, o
     so the step is the same as in one process. With ``clip``, the gradient's global norm is clipped to it after the
     estimator has read the step (its statistic is of the unclipped per-sample gradients) and
     before the optimizer steps; under fp16 the gradients are unscaled first.
+
+    ``graphs`` (``cuda_graphs: true``, plain epochs only) replays each step as a captured CUDA
+    graph (``dbx.train.cuda_graphs``), the same step as below.
     """
     parts.model.train()
     params = [p for p in parts.model.parameters() if p.requires_grad] if clip is not None else []
@@ -206,6 +213,11 @@ def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, o
         units = global_units(parts.task.units(targets), inputs.shape[0], batch)
         gradient = gradients.of(units)  # the step's loss is the mean over the logical batch
         loss_scale = 1.0 / units if isinstance(units, int) else gradient
+        if graphs is not None and not graphs.failed:
+            tally.add(*graphs.step(inputs, targets, units, gradient, clip, params))
+            steps += 1
+            on_step()
+            continue
         # fp16 multiplies the loss by the GradScaler's factor; the estimator must divide it out
         scaler = parts.scaler
         grad_scale = _scale_on_device(scaler, parts.device) if scaler is not None and estimator is not None else 1.0
@@ -242,6 +254,8 @@ def forward_backward(parts: Parts, inputs: torch.Tensor, targets: torch.Tensor, 
         chunks = [(inputs, targets)]
     losses, predictions, chunk_targets = [], [], []
     net = parts.net if parts.net is not None else parts.model  # the model in DDP under torchrun
+    if parts.compiled is not None and estimator is None:  # compile: true compiles plain steps only (one process)
+        net = parts.compiled
     last = len(chunks) - 1
     for chunk, (x, y) in enumerate(chunks):
         with accumulating(net, more_chunks=chunk < last):  # DDP all-reduces at the last micro-batch only
@@ -281,6 +295,17 @@ def update(parts: Parts, params: list[torch.nn.Parameter], clip: float | None) -
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
+
+
+def step_graphs(spec: Any, parts: Parts, say: Callable[[str], None]) -> StepGraphs | None:
+    """``cuda_graphs: true``: the run's captured steps, or None with a line saying why they cannot be."""
+    if not spec.cuda_graphs:
+        return None
+    why_not = graphs_unsupported(parts, skip_nonfinite=spec.on_nonfinite == "skip_step")
+    if why_not is not None:
+        say(f"cuda_graphs: training without CUDA graphs: {why_not}")
+        return None
+    return StepGraphs(parts, max_micro_batch=spec.max_micro_batch, say=say)
 
 
 class GradientScales:

@@ -15,6 +15,7 @@ from dbx.data import resolve_root, take_subset
 from dbx.data.loader import make_loader
 from dbx.errors import UserError
 from dbx.protocols import DataSplits
+from dbx.train.compile import compile_for_training
 from dbx.train.lr import resolve_lr_scaling
 from dbx.train.tasks import Task, build_task
 
@@ -33,6 +34,7 @@ class Parts:
     amp_dtype: torch.dtype | None = None  # autocast dtype, None for full precision
     scaler: Any = None  # torch.amp.GradScaler for fp16
     lr_scaling: str = "none"  # the spec's rule, with ``auto`` resolved for this optimizer
+    compiled: Any = None  # compile: true: the model as plain training steps call it (dbx.train.compile)
     net: Any = None  # what the training step calls: ``model`` in DDP under torchrun, else ``model`` itself
 
     @property
@@ -80,9 +82,16 @@ def build_parts(spec: Any, device: torch.device) -> Parts:
     if spec.amp == "fp16" and device.type != "cuda":
         raise UserError(f"amp: fp16 needs a CUDA device, and this run is on {device}. "
                         f"Use amp: bf16 (works on the CPU) or amp: none.")
+    if spec.cuda_graphs and device.type != "cuda":
+        raise UserError(f"cuda_graphs: true needs a CUDA device, and this run is on {device}. "
+                        f"Use cuda_graphs: false (or compile: true, which works on the CPU).")
     scaler = torch.amp.GradScaler(device.type) if spec.amp == "fp16" else None
+    if (spec.compile or spec.cuda_graphs) and world_size() > 1:
+        raise UserError("compile: true and cuda_graphs: true are for one process; under torchrun (--nproc) set "
+                        "them to false")
+    compiled = compile_for_training(model) if spec.compile else None
     parts = Parts(data, model, optimizer, policy, estimator, train_loader, test_loader, task, device, amp_dtype,
-                  scaler, resolve_lr_scaling(spec.lr_scaling, optimizer))
+                  scaler, resolve_lr_scaling(spec.lr_scaling, optimizer), compiled)
     return distributed_parts(parts, sync_batchnorm=spec.model.sync_batchnorm)
 
 
