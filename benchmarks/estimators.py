@@ -35,10 +35,16 @@ the ResNet-18, where the measuring step's extra time goes in context.
     python benchmarks/estimators.py --steps 10 --other-steps 3 --device cuda --batch-sizes 32,128,512 --forms
     python benchmarks/estimators.py --models mlp --methods plain,exact,vmap
     python benchmarks/estimators.py --models resnet18 --batch-sizes 128 --methods plain,exact --layers
+    python benchmarks/estimators.py --ops              # dispatched operations per step, both code paths
+
+``--ops`` counts instead of timing: the operations one plain and one measuring step dispatch, on
+the CPU and the CUDA kernel code path (the estimator's ``kernel_path``), per part of the step and
+per layer or group of layers, and the host time spent in the hooks.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -512,6 +518,106 @@ def layers_table(device: str, batch: int, threads: int, steps: int) -> None:
           + f"; all layers {total:+.1f} ms")
 
 
+def ops_table(models: list[str], batches: list[int], threads: int, steps: int) -> None:
+    """Dispatched operations per training step, plain and measuring, on both kernel code paths.
+
+    Counted with a ``TorchDispatchMode`` (``dbx.estimators.opcount``): every operation that
+    reaches the dispatcher, views included, in one step (forward, loss, backward, the estimator's
+    ``on_backward`` and ``on_step``, SGD with momentum, ``zero_grad``) after two warm-up steps. On a
+    GPU each non-view operation is a kernel launch of several microseconds, which a small step waits
+    for; the count does not depend on the device, so ``kernel_path`` runs the CUDA layout here.
+    "hooks ms" is the host time spent in the hooks per step (uncounted steps, ``perf_counter``); at
+    B = 2 the arithmetic is negligible and it is about the hooks' Python and dispatch overhead.
+    For the CUDA path of the largest batch, the operations of each layer's or group's norms follow.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from dbx.estimators import ExactEstimator
+    from dbx.estimators import grouped as G
+    from dbx.estimators.opcount import OpCounter
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+    def run(model_name: str, batch: int, path: str | None, labelled: bool = False):
+        x, y = make_batch(batch, "cpu")
+        runner = Method("plain", build_model(model_name), F.cross_entropy, x, y, "cpu")
+        estimator = None
+        if path is not None:
+            estimator = ExactEstimator(kernel_path=path)
+            estimator.attach(runner.model)
+
+        def step(ops=None) -> None:
+            label = ops.label if ops is not None else (lambda name: contextlib.nullcontext())
+            with label("forward"):
+                loss = runner.loss_fn(runner.model(x), y, reduction="sum") / batch
+            with label("backward"):
+                loss.backward()
+            if estimator is not None:
+                with label("estimator"):
+                    estimator.on_backward(1.0 / batch)
+                    estimator.on_step(1.0 / batch)
+            with label("optimizer"):
+                runner.opt.step()
+                runner.opt.zero_grad(set_to_none=True)
+
+        for _ in range(2):
+            step()
+        hook_ms = None
+        if estimator is not None:
+            before = estimator._hooks.seconds
+            for _ in range(steps):
+                step()
+            hook_ms = (estimator._hooks.seconds - before) / steps * 1e3
+        ops = OpCounter()
+        restore = None
+        if labelled and estimator is not None:
+            hooks, grouped = estimator._hooks, G.grouped_sq_norms
+            run_layer = hooks._run
+
+            def layer_run(layer, *args):
+                with ops.label(f"{layer.key} ({type(layer.module).__name__})"):
+                    return run_layer(layer, *args)
+
+            def group_run(modules, *args):
+                names = [path for path, m in runner.model.named_modules() if any(m is k for k in modules)]
+                with ops.label(f"{len(modules)} x {type(modules[0]).__name__}: {', '.join(names)}"):
+                    return grouped(modules, *args)
+
+            hooks._run, G.grouped_sq_norms = layer_run, group_run
+            restore = lambda: (setattr(hooks, "_run", run_layer), setattr(G, "grouped_sq_norms", grouped))  # noqa: E731
+        with ops:
+            step(ops)
+        if restore is not None:
+            restore()
+        return ops, hook_ms
+
+    print("\n# dispatched operations per training step (TorchDispatchMode count; views included),"
+          " plain and measuring (exact), per kernel code path")
+    print(f"  {'model':<9} {'B':>5} {'plain':>6} {'path':>5} {'measuring':>9} {'x plain':>8} {'extra':>6}"
+          f" {'hooks ms':>9} {'at B=2':>7}")
+    for model_name in models:
+        for batch in batches:
+            plain, _ = run(model_name, batch, None)
+            for path in ("cpu", "cuda"):
+                ops, hook_ms = run(model_name, batch, path)
+                _, small_ms = run(model_name, 2, path)
+                print(f"  {model_name:<9} {batch:>5} {plain.total:>6} {path:>5} {ops.total:>9} "
+                      f"{ops.total / plain.total:7.2f}x {ops.total - plain.total:>6} {hook_ms:9.2f} {small_ms:7.2f}")
+    for model_name in models:
+        batch = max(batches)
+        plain, _ = run(model_name, batch, None)
+        ops, _ = run(model_name, batch, "cuda", labelled=True)
+        print(f"\n# {model_name}, B={batch}, CUDA path: operations by part of the step (plain step in brackets);"
+              " the estimator's part is the layers' and groups' norms below and the sums")
+        for part in ("forward", "backward", "estimator", "optimizer"):
+            print(f"  {part:<10} {ops.by_label[part]:>5} ({plain.by_label[part]})")
+        for label, count in ops.by_label.items():
+            if label not in ("forward", "backward", "estimator", "optimizer"):
+                print(f"    {count:>4}  {label}")
+
+
 def _time_backward_node(seconds: dict[str, float], path: str, clock, module, args, output) -> None:
     """Add the time of ``output``'s backward node to ``seconds[path]`` when the backward runs it."""
     node = getattr(output, "grad_fn", None)
@@ -591,6 +697,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time the convolution forms of the ResNet-18 at the largest batch size")
     parser.add_argument("--layers", action="store_true",
                         help="also show, per layer of the ResNet-18 at the largest batch size, where exact's extra time goes")
+    parser.add_argument("--ops", action="store_true",
+                        help="only count dispatched operations per plain and measuring step, on both kernel code paths")
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--time-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -612,6 +720,11 @@ def main(argv: list[str] | None = None) -> int:
 
     models = [m for m in args.models.split(",") if m]
     batches = [int(b) for b in args.batch_sizes.split(",") if b]
+    if args.ops:
+        start = time.perf_counter()
+        ops_table(models, batches, args.threads, max(args.steps, 2))
+        print(f"# total {time.perf_counter() - start:.0f} s")
+        return 0
     methods = [m for m in args.methods.split(",") if m]
     if "plain" not in methods:
         methods.insert(0, "plain")

@@ -210,3 +210,27 @@ def test_an_input_changed_in_place_after_the_call_is_an_error_not_a_wrong_number
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
     with pytest.raises(UserError, match=r"input of module 'gain' \(Gain\) was modified in place"):
         per_sample_sq_norms(InPlace(), F.cross_entropy, x, y)
+
+
+def test_the_cuda_paths_grouped_layers_are_checked_too(monkeypatch):
+    from dbx.estimators import grouped
+
+    def grouped_step(model, x, y):
+        estimator = ExactEstimator(kernel_path="cuda")  # layers of one shape computed together, here on the CPU
+        estimator.attach(model)
+        try:
+            F.cross_entropy(model(x), y, reduction="sum").backward()
+            estimator.on_backward(1.0)
+            estimator.on_step(1.0)
+        finally:
+            estimator.detach()
+
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1, bias=False) for i in range(3)]
+    model = nn.Sequential(convs[0], nn.ReLU(), convs[1], nn.ReLU(), convs[2], nn.Flatten(), nn.Linear(8 * 64, 3))
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 3, (6,))
+    grouped_step(model, x, y)  # sound
+    norms = grouped.grouped_sq_norms
+    monkeypatch.setattr(grouped, "grouped_sq_norms", lambda *a, **k: norms(*a, **k) * 1.05)  # a 5% error
+    with pytest.raises(UserError, match=r"module '0' \(Conv2d\) from the fused weight-gradient path differ"):
+        grouped_step(model, x, y)

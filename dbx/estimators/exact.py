@@ -72,6 +72,9 @@ class ExactEstimator:
       such layer; training is unchanged. Off automatically under ``torch.distributed`` (whose
       gradient hooks expect autograd to produce every gradient); turn it off for
       ``create_graph=True`` backwards (higher-order gradients).
+    - ``kernel_path``: ``"auto"`` (default) lays the per-sample computations out for the device the
+      model is on; ``"cpu"`` or ``"cuda"`` forces that device's layout whatever the device (same
+      numbers: it is how the CUDA layout, few large operations, is tested and counted on a CPU).
     - ``fallback`` (default true), ``fallback_force``, ``fallback_forbid``: the generic per-module
       fallback measures modules without a dedicated kernel (per-sample gradients of that module
       alone through ``torch.func``, from its inputs and output gradients recorded in the step);
@@ -100,10 +103,15 @@ class ExactEstimator:
 
     def __init__(self, *, exclude: Sequence[str] = (), per_layer: bool = False, fuse_weight_grads: bool = True,
                  fallback: bool = True, fallback_force: Sequence[str] = (), fallback_forbid: Sequence[str] = (),
-                 weighting: Literal["dbx", "authors"] = "dbx") -> None:
+                 weighting: Literal["dbx", "authors"] = "dbx", kernel_path: Literal["auto", "cpu", "cuda"] = "auto") -> None:
+        from dbx.estimators.kernels import PATHS
+
         if weighting not in WEIGHTINGS:
             raise ValueError(f"estimator.params.weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
+        if kernel_path not in PATHS:
+            raise ValueError(f"estimator.params.kernel_path must be one of {list(PATHS)}, got {kernel_path!r}")
         self.weighting = weighting
+        self.kernel_path = kernel_path
         self.exclude = _patterns(exclude)
         self.per_layer = per_layer
         self.fuse_weight_grads = fuse_weight_grads
@@ -138,8 +146,9 @@ class ExactEstimator:
         fuse = self.fuse_weight_grads and not _distributed()
         fallback = Fallback(self.fallback, self.fallback_force, self.fallback_forbid)
         hooks, _ = build_hooks(model, include=self._include, exclude=self.exclude, estimator=self.name, fuse=fuse,
-                               fallback=fallback)
+                               fallback=fallback, path=self.kernel_path)
         hooks.running_stats_bn = self.weighting == "authors"
+        hooks.grouped = _grouped(self.kernel_path, model)
         self._hooks = hooks
         self._selfcheck = SelfCheck(model, watched_from(hooks), estimator=self.name, hooks=hooks)
         first: dict[int, tuple[Any, int]] = {}  # a shared parameter counts once, with its first owner
@@ -311,6 +320,15 @@ def _summed_over_ranks(sum_sq: Any, samples: Any) -> Any:
     from dbx.distributed import sum_across_ranks
 
     return sum_across_ranks(torch.cat([sum_sq, samples.view(1).to(sum_sq.dtype)]))
+
+
+def _grouped(kernel_path: str, model: Any) -> bool:
+    """Whether the hooks compute layers of equal shapes together (``dbx.estimators.grouped``): on the
+    CUDA path, where a measuring step waits for its many small launches."""
+    if kernel_path != "auto":
+        return kernel_path == "cuda"
+    first = next(model.parameters(), None)
+    return first is not None and first.device.type == "cuda"
 
 
 def _patterns(value: Sequence[str] | str) -> tuple[str, ...]:

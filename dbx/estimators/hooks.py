@@ -19,6 +19,7 @@ weight gradient of those layers is simply computed once instead of twice.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,14 @@ def _transforms_active() -> bool:
     """Inside torch.func (vmap/grad): the hooks stay out of those per-sample computations."""
     check = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(check()) if check is not None else False
+
+
+def _no_autocast(like: Tensor) -> Any:
+    """Norms in float32, whatever autocast context surrounds the hooks."""
+    device = like.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
 
 
 class EstimatorConfigError(UserError):
@@ -78,6 +87,7 @@ class Layer:
     pending: list[tuple[Any, bool, Tensor]] = field(default_factory=list)
     fusable: bool = False  # may run with the weight detached, its gradient supplied by the kernel
     detached: Tensor | None = None  # the Parameter while a call runs with its weight detached
+    groupable: bool = False  # held until ``collect`` and computed with layers of its shape (``grouped``)
 
     @property
     def key(self) -> str:
@@ -220,9 +230,11 @@ class NormHooks:
     """
 
     def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Module, K.Kernel, list[nn.Parameter]]],
-                 *, form: str = "auto", estimator: str = "exact", fuse: bool = False) -> None:
+                 *, form: str = "auto", estimator: str = "exact", fuse: bool = False, path: str = "auto") -> None:
         self.model = model
         self.form = K.check_form(form)
+        self.path = K.check_path(path)  # the kernels' code path ("auto": the tensors' device type)
+        self._on_path = contextlib.nullcontext if path == "auto" else partial(K.use_path, path)
         self.estimator = estimator
         self.fuse = fuse  # rules of their own (MultiheadAttention) may supply weight gradients too
         self.layers = [Layer(path, module, kernel, i, params)
@@ -239,6 +251,12 @@ class NormHooks:
         self.shared_sums: dict[int, Tensor] = {}  # id -> (B, *shape) per-sample gradient summed over its uses
         self.seconds = 0.0
         self.enabled = True
+        #: hold the layers' inputs and output gradients until ``collect`` and compute layers of equal
+        #: shapes together (``dbx.estimators.grouped``): few large operations, for the CUDA path
+        self.grouped = False
+        self._queue: list[tuple[Layer, Any, Tensor, bool]] = []
+        self._blocks: list[tuple[list[int], Tensor]] = []  # (layer indices, their (k, B) rows)
+        self._orders: dict[tuple[int, ...], Tensor] = {}  # row order -> the permutation to layer order
         self._slots: list[Tensor | None] = [None] * len(self.layers)
         self._filled = 0
         self._touched: list[Layer] = []
@@ -251,6 +269,7 @@ class NormHooks:
             return
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
         for layer in self.layers:
+            layer.groupable = self._groupable(layer)
             if layer.fusable:
                 self._handles.append(layer.module.register_forward_pre_hook(partial(self._fuse_pre_hook, layer),
                                                                             with_kwargs=True))
@@ -269,6 +288,17 @@ class NormHooks:
         self._handles.clear()
         self._restore_weights()
         self.reset()
+
+    def _groupable(self, layer: Layer) -> bool:
+        """Convolutions and BatchNorms with the plain per-layer rule, in grouped mode: not the fallback's
+        modules, not batch-second modules, no shared parameters, no running-statistics BatchNorm terms."""
+        if not self.grouped or layer.kernel.name not in ("conv", "batchnorm"):
+            return False
+        if layer.path in self.batch_dims or matches(layer.path, self.generic_only):
+            return False
+        if self.running_stats_bn and layer.kernel.name == "batchnorm":
+            return False
+        return not any(id(p) in self.shared for p in layer.params)
 
     def _restore_weights(self) -> None:
         """Put back every weight detached for a call (normally done at once by the forward hook)."""
@@ -289,6 +319,8 @@ class NormHooks:
         self._slots = [None] * len(self.layers)
         self._filled = 0
         self._touched = []
+        self._queue = []
+        self._blocks = []
         self.batch = None
         self.shared_sums = {}
 
@@ -315,8 +347,9 @@ class NormHooks:
         x = args[0] if args else next(iter(kwargs.values()), None)
         if not isinstance(x, Tensor) or x.dim() == 0:
             return
-        if layer.kernel.plan(module, x, self.form, fused=True) != "explicit":
-            return
+        with self._on_path():
+            if layer.kernel.plan(module, x, self.form, fused=True) != "explicit":
+                return
         weight = module._parameters["weight"]
         layer.detached = weight
         module._parameters["weight"] = weight.detach()
@@ -360,7 +393,9 @@ class NormHooks:
         if not self.enabled and not fused:  # a fused call's weight gradient is owed in any case
             return
         start = time.perf_counter()
-        if layer.calls <= 1:
+        if layer.calls <= 1 and layer.groupable and self.enabled:
+            self._queue.append((layer, ctx, grad, fused))  # computed with its group in ``collect``
+        elif layer.calls <= 1:
             self._store(layer, self._run(layer, [ctx], [grad], [fused]))
         else:  # a module used several times in one forward: its per-sample gradient is the sum
             layer.pending.append((ctx, fused, grad))
@@ -369,11 +404,57 @@ class NormHooks:
         self.seconds += time.perf_counter() - start
 
     def _run(self, layer: Layer, ctxs: list, grads: list[Tensor], fused: list[bool]) -> Tensor:
-        device = grads[0].device.type
-        if torch.is_autocast_enabled(device):  # norms in float32, whatever the surrounding context
-            with torch.autocast(device, enabled=False):
-                return layer.kernel.sq_norms(layer.module, ctxs, grads, self.form, fused)
-        return layer.kernel.sq_norms(layer.module, ctxs, grads, self.form, fused)
+        with self._on_path(), _no_autocast(grads[0]):
+            return layer.kernel.sq_norms(layer.module, ctxs, grads, self.form, fused)
+
+    def _run_queue(self) -> None:
+        """The held layers, each group of equal keys in one computation (``grouped``), the rest alone."""
+        from dbx.estimators import grouped as G
+
+        queue, self._queue = self._queue, []
+        groups: dict[Any, list[tuple[Layer, Any, Tensor, bool]]] = {}
+        for entry in queue:
+            layer, ctx, grad, fused = entry
+            key = G.group_key(layer.module, ctx, grad, fused)
+            groups.setdefault(key if key is not None else ("alone", layer.index), []).append(entry)
+        for key, entries in groups.items():
+            layer, ctx, grad, fused = entries[0]
+            size = G.group_size(layer.module, ctx, grad, fused) if key[0] != "alone" else 0
+            for s in range(0, len(entries), max(1, size)):
+                part = entries[s:s + max(1, size)]
+                if size < 1:  # too large for one computation: the per-layer kernel works in chunks
+                    layer, ctx, grad, fused = part[0]
+                    self._store(layer, self._run(layer, [ctx], [grad], [fused]))
+                    continue
+                with _no_autocast(part[0][2]):
+                    rows = G.grouped_sq_norms([e[0].module for e in part], [e[1] for e in part],
+                                              [e[2] for e in part], key, self.form)
+                self._blocks.append(([e[0].index for e in part], rows))
+
+    def _rows_in_layer_order(self, slots: list[Tensor | None]) -> Tensor:
+        """One (layers, B) tensor from the groups' blocks and the single layers' slots (zeros for
+        layers without a gradient): one concatenation and one gather, whatever the number of layers."""
+        parts = [rows for _, rows in self._blocks]
+        order = [i for indices, _ in self._blocks for i in indices]
+        singles = [i for i, s in enumerate(slots) if s is not None]
+        if singles:
+            parts.append(torch.stack([slots[i] for i in singles]))
+            order += singles
+        if len(order) < len(slots):
+            seen = set(order)
+            missing = [i for i in range(len(slots)) if i not in seen]
+            parts.append(parts[0].new_zeros(len(missing), parts[0].shape[1]))
+            order += missing
+        rows = torch.cat(parts) if len(parts) > 1 else parts[0]
+        key = tuple(order)
+        if key == tuple(range(len(slots))):
+            return rows
+        inverse = self._orders.get(key)
+        if inverse is None or inverse.device != rows.device:
+            inverse = torch.empty(len(order), dtype=torch.long)
+            inverse[torch.tensor(order)] = torch.arange(len(order))
+            inverse = self._orders[key] = inverse.to(rows.device)
+        return rows.index_select(0, inverse)
 
     def _flush(self, layer: Layer) -> None:
         if layer.pending:
@@ -397,6 +478,9 @@ class NormHooks:
         """
         start = time.perf_counter()
         self._restore_weights()
+        if self._queue:
+            with self._on_path(), torch.no_grad():  # as the kernels run inside the backward
+                self._run_queue()
         for layer in self._touched:
             if layer.pending:  # some calls' outputs got no gradient: they contributed nothing
                 self._flush(layer)
@@ -407,15 +491,19 @@ class NormHooks:
                 owner = next(layer for layer in self.layers if any(id(p) == pid for p in layer.params))
                 self._store(owner, K._sq(per_sample.flatten(1), 1))
             self.shared_sums = {}
-        if self._filled == 0:
+        if self._filled == 0 and not self._blocks:
             self.reset()
             return None
         slots = self._slots
-        if self._filled < len(slots):
-            ref = next(s for s in slots if s is not None)
-            zero = torch.zeros_like(ref)
-            slots = [zero if s is None else s for s in slots]
-        rows = torch.stack(slots)
+        if self._blocks:
+            rows = self._rows_in_layer_order(slots)
+            self._blocks = []
+        else:
+            if self._filled < len(slots):
+                ref = next(s for s in slots if s is not None)
+                zero = torch.zeros_like(ref)
+                slots = [zero if s is None else s for s in slots]
+            rows = torch.stack(slots)
         self._slots = [None] * len(self.layers)
         self._filled = 0
         self.batch = None
@@ -433,7 +521,7 @@ class NormHooks:
 
 def build_hooks(model: nn.Module, *, include: Sequence[str] | None, exclude: Sequence[str], estimator: str,
                 form: str = "auto", allow_uncovered: bool = False, fuse: bool = False,
-                fallback: Fallback = NO_FALLBACK) -> tuple[NormHooks, Ownership]:
+                fallback: Fallback = NO_FALLBACK, path: str = "auto") -> tuple[NormHooks, Ownership]:
     """Check ``model`` and build hooks for its included parameter-owning modules.
 
     Raises ``EstimatorConfigError`` for parameters shared between modules, for unsupported
@@ -472,7 +560,7 @@ def build_hooks(model: nn.Module, *, include: Sequence[str] | None, exclude: Seq
             + (f" outside {list(exclude)}" if exclude else "")
             + f". Parameter-owning modules of this model: {_owner_listing(model)}"
         )
-    hooks = NormHooks(model, own.covered, form=form, estimator=estimator, fuse=fuse)
+    hooks = NormHooks(model, own.covered, form=form, estimator=estimator, fuse=fuse, path=path)
     hooks.generic_only = fallback.force
     hooks.shared = own.measured_shared
     hooks.batch_dims = own.batch_dims

@@ -49,9 +49,11 @@ with the device.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
+import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -59,14 +61,43 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Kernel", "kernel_for", "supported_types", "CHUNK_ELEMENTS", "sum_outer_sq_norms"]
+__all__ = ["Kernel", "kernel_for", "supported_types", "CHUNK_ELEMENTS", "sum_outer_sq_norms", "use_path", "path_of",
+           "PATHS"]
+
+#: The code paths the kernels have: "cpu" and "cuda" differ in chunk sizes, in the cost model's
+#: per-element constants and in how some sums are laid out (few large operations on "cuda", where
+#: each one is a kernel launch; cache-sized pieces on "cpu"). "auto" takes the tensors' device type.
+PATHS = ("auto", "cpu", "cuda")
+
+_chosen = threading.local()  # .path: the path ``use_path`` set on this thread, or None
+
+
+def path_of(device: torch.device) -> str:
+    """The code path the kernels take for tensors on ``device``: its type, unless ``use_path`` chose one.
+
+    Choosing lets the CUDA path run (and be tested) on a CPU: same arithmetic, laid out as on a GPU.
+    """
+    return getattr(_chosen, "path", None) or device.type
+
+
+@contextlib.contextmanager
+def use_path(path: str):
+    """Within the block, on this thread, the kernels take code path ``path`` ("auto": the device's)."""
+    check_path(path)
+    previous = getattr(_chosen, "path", None)
+    _chosen.path = None if path == "auto" else path
+    try:
+        yield
+    finally:
+        _chosen.path = previous
 
 #: Upper bound on the scratch elements (float32) one kernel call allocates at a time, per device
 #: type; larger batches are processed in chunks of samples. On CPU small chunks stay in cache
 #: (with chunks of 4M elements, what the fused explicit form of ResNet-18's layer2 adds to the
 #: batch weight gradient was 20% to 2.3x larger than with chunks of 1M: benchmarks/estimator_kernels.py);
-#: on a GPU large chunks keep it busy.
-CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
+#: on a GPU large chunks keep it busy, and each chunk repeats every launch of the kernel (64M
+#: elements, 256 MB: ResNet-18's layers and groups of layers at B = 128 take one chunk each).
+CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
 
 #: "auto" picks the cheaper of the two forms per call; tests force one or the other.
 FORMS = ("auto", "ghost", "explicit")
@@ -117,7 +148,7 @@ def _cat(parts: list[Tensor], dim: int) -> Tensor:
 
 
 def _chunks(n: int, per_sample: int, device: torch.device) -> list[tuple[int, int]]:
-    size = max(1, CHUNK_ELEMENTS.get(device.type, 1 << 22) // max(1, per_sample))
+    size = max(1, CHUNK_ELEMENTS.get(path_of(device), 1 << 22) // max(1, per_sample))
     return [(s, min(n, s + size)) for s in range(0, n, size)]
 
 
@@ -199,7 +230,7 @@ def _trainable(module: nn.Module, name: str) -> bool:
 
 
 def _linear_positions(x: Tensor) -> int:
-    return x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
+    return math.prod(x.shape[1:-1]) if x.dim() > 1 else 1  # shape arithmetic: indexing would be an operation
 
 
 def _linear_plan(module: nn.Linear, x: Tensor, form: str, fused: bool = False) -> str:
@@ -213,7 +244,7 @@ def _linear_plan(module: nn.Linear, x: Tensor, form: str, fused: bool = False) -
     i, o = module.in_features, module.out_features
     if not fused:
         return outer_forms_used(t, i, o)
-    return "ghost" if t * t * (i + o) <= i * o * FUSED_ELEMENT_MACS.get(x.device.type, 64) else "explicit"
+    return "ghost" if t * t * (i + o) <= i * o * FUSED_ELEMENT_MACS.get(path_of(x.device), 64) else "explicit"
 
 
 def _linear_sq_norms(module: nn.Linear, xs: list[Tensor], gs: list[Tensor], form: str,
@@ -365,7 +396,7 @@ def _conv_plan(module: nn.Module, x: Tensor, form: str, fused: bool = False) -> 
     """The form for a call with input ``x``; ``fused``: if explicit, it would supply the weight gradient."""
     if form != "auto":
         return form
-    costs = conv_forms_cost(module, x.shape[2:], device_type=x.device.type)
+    costs = conv_forms_cost(module, x.shape[2:], device_type=path_of(x.device))
     explicit = costs["explicit_fused" if fused else "explicit"]
     return "ghost" if costs["ghost"] <= explicit else "explicit"
 
@@ -457,15 +488,22 @@ def _conv_ghost(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
     x, pad = _conv_padding(module, x)
     kernel, dilation, stride = tuple(module.kernel_size), tuple(module.dilation), tuple(module.stride)
     phases = _phases(tuple(x.shape[2:]), pad, kernel, dilation, stride, out_spatial)
-    one_reduction = x.device.type in TAPS_IN_ONE_REDUCTION
+    one_reduction = path_of(x.device) in TAPS_IN_ONE_REDUCTION
     # the largest phase Gram, and its padded copy when the taps are one reduction
     gram = max((math.prod(p.spatial) ** 2 * (4 if one_reduction else 1) for p in phases), default=0)
     parts = []
-    for s, e in _chunks(n, c_in * x[0, 0].numel() + groups * (gram + 3 * positions * positions), x.device):
+    for s, e in _chunks(n, c_in * math.prod(x.shape[2:]) + groups * (gram + 3 * positions * positions), x.device):
         b = e - s
         gram_a = None
-        split = _split_phases(_f32(x[s:e]), stride) if len(phases) > 1 else None
+        xc = _rows(x, s, e, n)
+        grams = _phase_grams(_f32(xc), stride, groups) if one_reduction and len(phases) > 1 else None
+        split = _split_phases(_f32(xc), stride) if len(phases) > 1 and grams is None else None
         for phase in phases:
+            if grams is not None:  # every phase's pixel Gram came from one product
+                gram_x = grams[_phase_index(phase, stride)]
+                taps = _tapped_sum(gram_x, phase.offsets, out_spatial)
+                gram_a = taps if gram_a is None else gram_a.add_(taps)
+                continue
             if split is not None:  # a view of the chunk's phases, copied once
                 pixels = split[(slice(None), *(p.start for p in phase.pixels))].reshape(b * groups, cg, -1)
             else:
@@ -476,13 +514,41 @@ def _conv_ghost(module: nn.Module, x: Tensor, g: Tensor) -> Tensor:
                 gram_a = taps if gram_a is None else gram_a.add_(taps)
             else:
                 gram_a = _add_taps(gram_x, phase, out_spatial, gram_a)
-        gs = _f32(g[s:e]).reshape(b * groups, og, positions)
+        gs = _f32(_rows(g, s, e, n)).reshape(b * groups, og, positions)
         gram_g = torch.bmm(gs.mT, gs)
         if gram_a is None:  # no tap reads a pixel of the input
             parts.append(gs.new_zeros(b))
             continue
         parts.append(torch.linalg.vecdot(gram_a.reshape(b * groups, -1), gram_g.flatten(1)).view(b, groups).sum(1))
     return _cat(parts, 0)
+
+
+def _rows(t: Tensor, s: int, e: int, n: int) -> Tensor:
+    """Rows s:e of ``t``, which has n rows: ``t`` itself when that is all of them (no operation)."""
+    return t if s == 0 and e == n else t[s:e]
+
+
+def _phase_grams(x: Tensor, stride: tuple[int, ...], groups: int) -> Tensor | None:
+    """(phases, N * groups, *phase, *phase): the pixel Gram matrices of every stride phase of ``x``
+    (N, C, *spatial), phases in row-major order of their residues, from one copy and one batched
+    product (the CUDA path: few launches); None unless each size divides by its stride."""
+    spatial = x.shape[2:]
+    if any(size % st for size, st in zip(spatial, stride, strict=True)):
+        return None
+    dims, (n, c) = len(spatial), x.shape[:2]
+    shape = [v for size, st in zip(spatial, stride, strict=True) for v in (size // st, st)]
+    order = (*(3 + 2 * d for d in range(dims)), 0, 1, *(2 + 2 * d for d in range(dims)))
+    phased = x.reshape(n, c, *shape).permute(order).reshape(math.prod(stride) * n * groups, c // groups, -1)
+    small = tuple(size // st for size, st in zip(spatial, stride, strict=True))
+    return torch.bmm(phased.mT, phased).view(math.prod(stride), n * groups, *small, *small)
+
+
+def _phase_index(phase: _Phase, stride: tuple[int, ...]) -> int:
+    """The position of ``phase`` in ``_phase_grams``' row-major order of residues."""
+    index = 0
+    for sl, st in zip(phase.pixels, stride, strict=True):
+        index = index * st + sl.start
+    return index
 
 
 def _split_phases(x: Tensor, stride: tuple[int, ...]) -> Tensor | None:
@@ -539,7 +605,7 @@ def _conv_explicit(module: nn.Module, xs: list[Tensor], gs: list[Tensor], fused:
     prepared = [_conv_padding(module, x) for x in xs]
     weight_grad = torch.nn.grad.conv1d_weight if xs[0].dim() == 3 else torch.nn.grad.conv2d_weight
     size = c_out * cg * math.prod(kernel)
-    scratch = max(x[0].numel() + g[0].numel() for (x, _), g in zip(prepared, gs, strict=True))  # float32 copies
+    scratch = max(math.prod(x.shape[1:]) + math.prod(g.shape[1:]) for (x, _), g in zip(prepared, gs, strict=True))  # float32 copies
     parts, batch = [], None
     for s, e in _chunks(n, size * (2 if len(xs) > 1 else 1) + scratch, xs[0].device):
         b = e - s
@@ -854,6 +920,12 @@ def kernel_for(module: nn.Module) -> Kernel | None:
             return None
         return kernel
     return None
+
+
+def check_path(path: str) -> str:
+    if path not in PATHS:
+        raise ValueError(f"kernel_path must be one of {PATHS}, got {path!r}")
+    return path
 
 
 def check_form(form: str) -> str:

@@ -12,7 +12,7 @@ hooked, which makes the measuring epoch nearly free, and modules outside them ne
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 from dbx.estimators.exact import ExactEstimator
 
@@ -23,15 +23,15 @@ class LayerwiseEstimator(ExactEstimator):
     """Per-layer and combined gradient diversity over a measuring epoch (online).
 
     Parameters: ``layers`` (module-path patterns to measure; default every layer), ``exclude``
-    (patterns to leave out), ``fuse_weight_grads`` (as for ``exact``). See ``ExactEstimator`` for
+    (patterns to leave out), ``fuse_weight_grads``, ``kernel_path`` (as for ``exact``). See ``ExactEstimator`` for
     the supported modules and BatchNorm.
     """
 
     name = "layerwise"
 
     def __init__(self, *, layers: Sequence[str] = ("*",), exclude: Sequence[str] = (),
-                 fuse_weight_grads: bool = True) -> None:
-        super().__init__(exclude=exclude, per_layer=True, fuse_weight_grads=fuse_weight_grads)
+                 fuse_weight_grads: bool = True, kernel_path: Literal["auto", "cpu", "cuda"] = "auto") -> None:
+        super().__init__(exclude=exclude, per_layer=True, fuse_weight_grads=fuse_weight_grads, kernel_path=kernel_path)
         if isinstance(layers, str):
             layers = [layers]
         if not layers:
