@@ -324,3 +324,26 @@ def test_a_wrong_spec_is_refused_before_torchrun_starts(tmp_path):
     result = CliRunner().invoke(main, ["run", str(spec), "--nproc", "2", "--tracking-uri", store(tmp_path / "s")])
     assert result.exit_code == 2 and "epochs" in result.output, result.output
     assert not (tmp_path / "s" / "mlflow.db").exists()  # nothing was started
+
+
+def test_the_meter_in_your_own_ddp_loop_refuses_rather_than_mixing_one_ranks_norms_with_the_average(tmp_path):
+    script = tmp_path / "own_loop.py"
+    script.write_text(textwrap.dedent("""\
+        import torch
+        import torch.distributed as dist
+        import dbx
+        from dbx.meter import MeterError
+
+        dist.init_process_group("gloo")
+        meter = dbx.DiversityMeter(torch.nn.Linear(4, 2))
+        try:
+            meter.start()
+        except MeterError as error:
+            print(f"rank {dist.get_rank()} refused: {error}")
+        dist.destroy_process_group()
+        """))
+    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert job.returncode == 0, job.stderr[-2000:]
+    assert job.stdout.count("refused:") == 2 and "world size 2" in job.stdout and "dbx run --nproc N" in job.stdout
