@@ -3,7 +3,8 @@
 # (tests/test_cuda.py and the loader's), the estimator benchmark on CUDA (with the per-layer form
 # timings that calibrate kernels.FUSED_ELEMENT_MACS["cuda"], and each layer's host time in a measuring
 # step, from --layers), the training loop with and without CUDA graphs (benchmarks/throughput.py),
-# compile's two modes (benchmarks/compile.py) and the loader benchmark on CUDA.
+# compile's two modes (benchmarks/compile.py), the loader benchmark on CUDA and the DDP benchmark
+# with nccl.
 #
 #   OUT=gpu-results bash benchmarks/gpu_check.sh      # from the repository root, on a GPU machine
 #
@@ -56,4 +57,6 @@ stage graphs 240 $py benchmarks/throughput.py --device cuda --models resnet18_ci
     --samples 4096 --rounds 3 --min-seconds 1 --threads 4 --cuda-graphs
 stage compile 240 $py benchmarks/compile.py --device cuda --models small_cnn,mlp --batch-sizes 64,128,256
 [ -n "${SKIP_LOADER:-}" ] || stage loader 90 $py benchmarks/loader.py --device cuda --rotation 15 --batch-size 1024
+# DDP with nccl: 1 process, and 2 when the machine has 2 GPUs (with one GPU the script says it skips 2)
+stage ddp 180 $py benchmarks/ddp.py --device cuda --nprocs 1,2 --batch-size 2048 --json "$out/ddp.json"
 exit $status

@@ -87,9 +87,13 @@ def main() -> None:
                    "tracking.uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db.")
 @click.option("--experiment", default=None, help="MLflow experiment name. Default: tracking.experiment, else the spec's name.")
 @click.option("--dry-run", is_flag=True, help="List the runs the spec (and its sweep) would start, and start none.")
+@click.option("--nproc", type=click.IntRange(1, 1024), default=None, metavar="N",
+              help="Train on N processes of this machine with PyTorch DDP, through torchrun's own launcher "
+                   "(one GPU per process on CUDA, gloo on the CPU). Same as torchrun --standalone "
+                   "--nproc-per-node N -m dbx run SPEC ...; for several machines run torchrun itself.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 def run(spec_path: str, overrides: tuple[str, ...], device: str | None, tracking_uri: str | None,
-        experiment: str | None, dry_run: bool, debug: bool) -> None:
+        experiment: str | None, dry_run: bool, nproc: int | None, debug: bool) -> None:
     """Train the experiment described by SPEC (a YAML file) and log it to MLflow.
 
     \b
@@ -103,6 +107,10 @@ def run(spec_path: str, overrides: tuple[str, ...], device: str | None, tracking
     Exit code 0 when the run finished, 1 when it failed, 2 when the input is wrong, 130 when
     Ctrl-C or SIGTERM stopped it (the run is marked KILLED; `dbx resume RUN_ID` continues it).
     """
+    if nproc is not None and not dry_run:
+        _launch_distributed(nproc, ["run", spec_path, *_repeat("--set", overrides), *_option("--device", device),
+                                    *_option("--tracking-uri", tracking_uri), *_option("--experiment", experiment),
+                                    *(["--debug"] if debug else [])], debug, spec_path, overrides)
     from dbx.launch import run_spec
 
     extra = [f"device={device}"] if device else []
@@ -113,6 +121,27 @@ def run(spec_path: str, overrides: tuple[str, ...], device: str | None, tracking
     sys.exit(code or 0)
 
 
+def _option(name: str, value: str | None) -> list[str]:
+    return [name, value] if value is not None else []
+
+
+def _repeat(name: str, values: tuple[str, ...]) -> list[str]:
+    return [item for value in values for item in (name, value)]
+
+
+def _launch_distributed(nproc: int, args: list[str], debug: bool, spec_path: str | None = None,
+                        overrides: tuple[str, ...] = ()) -> NoReturn:
+    """Check the spec here (a wrong one exits 2 before any process starts), then hand the same
+    command to torchrun's launcher on ``nproc`` processes and exit with its status."""
+    from dbx.distributed.launch import launch
+
+    if spec_path is not None:
+        from dbx.checks import check_spec_file
+
+        _guarded(debug, lambda: check_spec_file(spec_path, overrides, warn=lambda _line: None))
+    sys.exit(launch(nproc, args))
+
+
 @main.command()
 @click.argument("run_id")
 @click.option("--tracking-uri", default=None, metavar="URI",
@@ -120,8 +149,12 @@ def run(spec_path: str, overrides: tuple[str, ...], device: str | None, tracking
 @click.option("--device", type=str, default=None, metavar="auto|cpu|cuda[:N]", help="Override the run's device.")
 @click.option("--force", is_flag=True, help="Resume a run that is RUNNING on another machine (whose process "
               "dbx cannot check from here) because that machine is gone.")
+@click.option("--nproc", type=click.IntRange(1, 1024), default=None, metavar="N",
+              help="Continue on N local processes with PyTorch DDP (torchrun's launcher), whatever number the "
+                   "run had before: the same global batches give the same result.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
-def resume(run_id: str, tracking_uri: str | None, device: str | None, force: bool, debug: bool) -> None:
+def resume(run_id: str, tracking_uri: str | None, device: str | None, force: bool, nproc: int | None,
+           debug: bool) -> None:
     """Continue a killed, failed or interrupted run from its newest intact checkpoint.
 
     \b
@@ -135,6 +168,10 @@ def resume(run_id: str, tracking_uri: str | None, device: str | None, force: boo
     the spec it logged); a run killed after its last epoch is closed, with what the store lacked.
     A run whose process is still alive is refused.
     """
+    if nproc is not None:
+        _launch_distributed(nproc, ["resume", run_id, *_option("--tracking-uri", tracking_uri),
+                                    *_option("--device", device), *(["--force"] if force else []),
+                                    *(["--debug"] if debug else [])], debug)
     from dbx.runner import resume_run
 
     with signals_stop_like_ctrl_c():

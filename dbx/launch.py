@@ -20,10 +20,19 @@ def run_spec(path: str, overrides: Sequence[str] = (), *, tracking_uri: str | No
 
     if dry_run:
         return sweep.describe_points(spec, say)
-    from dbx import tracking
+    from dbx import distributed, tracking
+    from dbx.errors import UserError
     from dbx.store import check_store
 
     uri = tracking.resolve_tracking_uri(tracking_uri, spec.tracking.uri)
+    if distributed.setup():  # under torchrun: rank 0 alone looks at the store
+        if spec.sweep:
+            raise UserError("a spec with a sweep cannot run under torchrun (--nproc): start one distributed "
+                            "run per point (dbx run --dry-run lists them; --set fixes a point)")
+        if distributed.rank() != 0:
+            from dbx.runner import run_one
+
+            return run_one(spec, uri=uri, experiment=experiment, say=say).exit_code
     check_store(uri)
     _check_checkpoint_folders(spec, uri)
     tracking.mark_stale(uri, say=say)  # runs left RUNNING by a process that is gone

@@ -160,6 +160,14 @@ class DiversityMeter:
         """Attach the hooks and start an epoch's sums (on the parameters' device)."""
         if self.measuring:
             raise MeterError(f"{_NAME}.start(): already measuring; call stop() first (or use `with meter.epoch():`)")
+        if _distributed():
+            # Each rank's hooks see only its own samples, while .grad holds DDP's average over all ranks:
+            # the ratio of the two would be a wrong number, not one rank's diversity.
+            raise MeterError(
+                f"{_NAME} measures one process's training; under torch.distributed (world size "
+                f"{_world_size()}) it would mix this rank's per-sample norms with DDP's averaged gradient. "
+                f"Measure on one process, or train with `dbx run --nproc N` (or torchrun -m dbx run), "
+                f"whose exact estimator adds up every rank's sums")
         started = time.perf_counter()
         self.result = None
         device = self._params[0].device
@@ -432,6 +440,12 @@ def _distributed() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size()
 
 
 def _ratio(sum_sq: float, sq_of_sum: float) -> float:

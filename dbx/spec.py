@@ -130,6 +130,11 @@ class PluginSpec(_Section):
 class ModelSpec(PluginSpec):
     """The network: a ``dbx.models`` plugin and its parameters."""
 
+    sync_batchnorm: StrictBool = Field(
+        False, description="under torchrun on CUDA, BatchNorm statistics over the whole global batch "
+                           "(SyncBatchNorm) instead of each rank's share; no effect in one process",
+    )
+
 
 class DataSpec(PluginSpec):
     """The dataset: a ``dbx.datasets`` plugin, where its files are, and how much of it to use."""

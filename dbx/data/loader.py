@@ -15,6 +15,13 @@ The batch size set with ``set_batch_size`` takes effect at the next ``iter()``; 
 keeps the size it started with. The last batch of an epoch may be smaller (nothing is dropped), so
 every sample is seen exactly once per epoch.
 
+Several processes (torchrun, ``dbx.distributed``): with ``rank`` and ``world_size``, every rank
+draws the same global permutation as a single process with the same seed, cuts it into the same
+global batches of ``batch_size``, and yields only its own slice of each (``shard``: sizes differ
+by at most one, the first ranks take the remainder). So runs with 1 and N processes visit the same
+samples in the same optimizer steps, and ``len()`` (steps per epoch) is the same on every rank.
+Augmentation draws from a stream of its own per rank, so its random transforms depend on N.
+
 Reproducibility: the order of epoch k depends only on ``seed`` and k. ``state_dict()`` (taken
 between epochs, as a checkpoint is) holds the generators' states and the batch size;
 ``load_state_dict`` on a fresh loader makes it continue with exactly the epochs the original would
@@ -28,7 +35,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["BatchLoader", "TensorLoader", "DatasetLoader", "make_loader", "default_num_workers"]
+__all__ = ["BatchLoader", "TensorLoader", "DatasetLoader", "make_loader", "default_num_workers", "global_batch",
+           "shard"]
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -47,8 +55,11 @@ class BatchLoader:
     """What the training loop uses: iterate for one epoch of ``(inputs, targets)`` on the device."""
 
     def __init__(self, *, num_samples: int, batch_size: int, shuffle: bool, device: torch.device | str,
-                 seed: int, augment: Augment | None) -> None:
+                 seed: int, augment: Augment | None, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
         self.device = torch.device(device)
+        self.rank, self.world_size = int(rank), int(world_size)
         self.shuffle = shuffle
         self.seed = int(seed)
         self._num_samples = int(num_samples)
@@ -58,7 +69,7 @@ class BatchLoader:
         self.augment_generator: torch.Generator | None = None
         if augment is not None:
             self.augment_generator = torch.Generator(device=self.device)
-            self.augment_generator.manual_seed((self.seed * 1_000_003 + _AUGMENT_STREAM) % 2**63)
+            self.augment_generator.manual_seed((self.seed * 1_000_003 + _AUGMENT_STREAM + self.rank) % 2**63)
 
     @property
     def batch_size(self) -> int:
@@ -79,6 +90,17 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
+
+    def global_batch(self, step: int) -> int:
+        """The size of step ``step``'s global batch (all ranks' slices together) this epoch."""
+        return global_batch(self._num_samples, self._batch_size, step)
+
+    def _mine(self, batch: Any) -> Any:
+        """This rank's slice of one global batch (the batch itself in a run of one)."""
+        if self.world_size == 1:
+            return batch
+        start, stop = shard(len(batch), self.rank, self.world_size)
+        return batch[start:stop]
 
     def _augmented(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.augment is None:
@@ -126,15 +148,22 @@ class TensorLoader(BatchLoader):
     def _batches(self, order: torch.Tensor | None, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if order is None:
             for start in range(0, self._num_samples, size):  # contiguous slices: views, no copy
-                yield self._augmented(self.inputs[start:start + size]), self.targets[start:start + size]
+                first, last = shard(min(size, self._num_samples - start), self.rank, self.world_size)
+                rows = slice(start + first, start + last)
+                yield self._augmented(self.inputs[rows]), self.targets[rows]
             return
         # Gather a block of whole batches at once (about BLOCK_BYTES of inputs) and hand out views
-        # of it: one gather per block instead of two per step, which small batches notice.
-        block = BLOCK_BYTES.get(self.device.type, BLOCK_BYTES["cpu"])
-        rows = max(size, block // max(1, self._row_bytes) // size * size)
-        for index in order.split(rows):
-            inputs, targets = self.inputs[index], self.targets[index]
-            for x, y in zip(inputs.split(size), targets.split(size)):
+        # of it: one gather per block instead of two per step, which small batches notice. Under
+        # torchrun the block's global batches are cut to this rank's slices before the gather.
+        block_bytes = BLOCK_BYTES.get(self.device.type, BLOCK_BYTES["cpu"])
+        rows = max(size, block_bytes // max(1, self._row_bytes) // size * size)
+        for block in order.split(rows):
+            sizes: int | list[int] = size
+            if self.world_size > 1:
+                mine = [self._mine(batch) for batch in block.split(size)]
+                block, sizes = torch.cat(mine), [len(index) for index in mine]
+            inputs, targets = self.inputs[block], self.targets[block]
+            for x, y in zip(inputs.split(sizes), targets.split(sizes)):
                 yield self._augmented(x), y
 
 
@@ -160,13 +189,11 @@ class DatasetLoader(BatchLoader):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loader = torch.utils.data.DataLoader(
             self.dataset,
-            batch_size=self._batch_size,
-            shuffle=self.shuffle,
+            batch_sampler=_ShardedBatches(self),
             generator=self.generator,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
-            drop_last=False,
             prefetch_factor=4 if self.num_workers > 0 else None,
         )
         return self._batches(iter(loader))  # draws the order (and starts workers) now
@@ -178,6 +205,38 @@ class DatasetLoader(BatchLoader):
             yield self._augmented(inputs), targets
 
 
+class _ShardedBatches:
+    """The DataLoader's batch sampler: this rank's indices of each global batch. The permutation is
+    drawn lazily, at the first batch, from the loader's generator, as DataLoader's own RandomSampler
+    draws it, so the order is the same as with ``shuffle=True`` in one process."""
+
+    def __init__(self, loader: DatasetLoader) -> None:
+        self.loader, self.size = loader, loader.batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(self.loader.num_samples / self.size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        n = self.loader.num_samples
+        order = torch.randperm(n, generator=self.loader.generator) if self.loader.shuffle else torch.arange(n)
+        for batch in order.split(self.size):
+            yield self.loader._mine(batch).tolist()
+
+
+def global_batch(num_samples: int, batch_size: int, step: int) -> int:
+    """Samples in step ``step`` (0-based) of an epoch over ``num_samples`` at ``batch_size``: all
+    but the last step are full."""
+    return min(batch_size, num_samples - step * batch_size)
+
+
+def shard(size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``[start, stop)`` of rank ``rank``'s slice of a batch of ``size``: ``size // world_size``
+    each, and one more for each of the first ``size % world_size`` ranks."""
+    base, extra = divmod(size, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
 def make_loader(
     split: Any,
     *,
@@ -187,14 +246,18 @@ def make_loader(
     seed: int,
     augment: Augment | None = None,
     num_workers: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> BatchLoader:
     """A loader over ``split``: a pair ``(inputs, targets)`` of tensors, or a torch Dataset.
 
     ``augment(inputs, generator)`` (typically ``DataSplits.augment``, for the training split only)
     is applied to every batch on the device with a generator derived from ``seed``.
     ``num_workers`` only concerns Datasets: None picks ``default_num_workers(device)``.
+    ``rank`` of ``world_size`` processes gets its slice of each batch (see the module docstring).
     """
-    common = dict(batch_size=batch_size, shuffle=shuffle, device=device, seed=seed, augment=augment)
+    common = dict(batch_size=batch_size, shuffle=shuffle, device=device, seed=seed, augment=augment,
+                  rank=rank, world_size=world_size)
     if isinstance(split, (tuple, list)):
         if len(split) != 2 or not all(isinstance(t, torch.Tensor) for t in split):
             raise TypeError("a tensor split must be a pair (inputs, targets) of tensors")

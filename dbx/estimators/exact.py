@@ -28,6 +28,13 @@ Every module is measured by a dedicated kernel (``dbx.estimators.kernels``), by 
 (``dbx.estimators.fallback``), and the first step of every measuring epoch is self-checked
 (``dbx.estimators.selfcheck``): a model the hooks would measure wrongly is an error, never a number.
 
+Under torchrun (DDP) each rank adds the norms of its own samples, and ``estimate`` sums the
+per-layer totals over the ranks with one all-reduce; ``S2`` is read from ``.grad`` after DDP's
+all-reduce, so it is the whole global batch's. Without BatchNorm the value is the one a single
+process computes over the same global batches. With BatchNorm the batch statistics are each
+rank's share's (unless ``model.sync_batchnorm``, which this estimator's hooks do not support), so
+the per-sample terms are those of the per-rank batches.
+
 Micro-batching and the loss reduction are handled exactly: a micro-batch's backward carries
 ``loss_scale * sum_i loss_i``, so the hooks' norms are divided by ``loss_scale**2`` and the summed
 gradient by ``loss_scale``; the result is the same whatever the split.
@@ -117,6 +124,7 @@ class ExactEstimator:
         self._include: Sequence[str] | None = None
         self._hooks: Any = None
         self._selfcheck: Any = None
+        self._incoming: Any = None  # under DDP, this rank's own gradients of the self-checked step
         self._reset_sums()
 
     def _reset_sums(self) -> None:
@@ -163,6 +171,7 @@ class ExactEstimator:
         self._sum_grad = [torch.zeros_like(p, dtype=torch.float32) for p in self._params]
         hooks.attach()
         self._selfcheck.arm()  # records the first step, checked in its on_backward
+        self._incoming = _Incoming(self._params) if _distributed() else None
         self._seconds = time.perf_counter() - start
 
     def on_backward(self, loss_scale: Any) -> None:
@@ -180,7 +189,11 @@ class ExactEstimator:
         check = self._selfcheck
         if check is not None and check.recorded:
             try:
-                check.check_sums({id(p): p.grad for p in self._params})
+                if self._incoming is not None:  # under DDP .grad is every rank's sum: compare this rank's own
+                    grads, self._incoming = self._incoming.release(), None
+                    check.check_sums(grads, accumulated=False)
+                else:
+                    check.check_sums({id(p): p.grad for p in self._params})
                 check.check_fused_norms(rows)
                 check.check_batch_dims()
             finally:
@@ -291,8 +304,9 @@ class ExactEstimator:
         index = torch.tensor(self._layer_of_param, device=param_sq.device)
         layer_sq_of_sum = torch.zeros(n_layers, dtype=torch.float64, device=param_sq.device)
         layer_sq_of_sum.index_add_(0, index, param_sq)
-        both = torch.stack([self._sum_sq, layer_sq_of_sum])
-        sum_sq, sq_of_sum, samples = torch.cat([both.sum(1), self._samples.view(1)]).tolist()  # the one sync
+        own = _summed_over_ranks(self._sum_sq, self._samples)  # the one all-reduce under torchrun
+        both = torch.stack([own[:-1], layer_sq_of_sum])
+        sum_sq, sq_of_sum, samples = torch.cat([both.sum(1), own[-1:]]).tolist()  # the one sync
         per_layer: dict[str, float] = {}
         if self.per_layer:
             for layer, (s1, s2) in zip(hooks.layers, both.T.tolist(), strict=True):
@@ -308,6 +322,9 @@ class ExactEstimator:
         )
 
     def detach(self) -> None:
+        if self._incoming is not None:
+            self._incoming.release()
+            self._incoming = None
         if self._selfcheck is not None:
             self._selfcheck.disarm()
             self._selfcheck = None
@@ -332,6 +349,39 @@ class ExactEstimator:
                 f"estimator.params.exclude: {[layer.path or ROOT for layer in missed[:8]]}, or use the "
                 f"'subsampled' estimator."
             )
+
+
+class _Incoming:
+    """This rank's own gradient of each parameter in one backward, copied as autograd delivers it,
+    before DDP's all-reduce replaces ``.grad`` with every rank's sum (what the self-check must
+    compare the hooks' sums with under torchrun). Only the first measuring step pays for it."""
+
+    def __init__(self, params: Sequence[Any]) -> None:
+        self.grads: dict[int, Any] = {}
+        self.handles = [p.register_hook(self._keeper(id(p))) for p in params if p.requires_grad]
+
+    def _keeper(self, key: int) -> Callable[[Any], None]:
+        def keep(grad: Any) -> None:
+            self.grads[key] = grad.detach().clone() if key not in self.grads else self.grads[key] + grad.detach()
+
+        return keep
+
+    def release(self) -> dict[int, Any]:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        return self.grads
+
+
+def _summed_over_ranks(sum_sq: Any, samples: Any) -> Any:
+    """``[per-layer sums of ||g_i||^2..., samples]`` over every rank's samples: one all-reduce of
+    ``layers + 1`` numbers per measuring epoch. (The summed gradient needs none: DDP's all-reduced
+    ``.grad`` is already the whole batch's.) In one process, the same vector without communication."""
+    import torch
+
+    from dbx.distributed import sum_across_ranks
+
+    return sum_across_ranks(torch.cat([sum_sq, samples.view(1).to(sum_sq.dtype)]))
 
 
 def _grouped(kernel_path: str, model: Any) -> bool:

@@ -19,6 +19,8 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from dbx.distributed import global_units, sum_across_ranks
+from dbx.distributed.ddp import accumulating
 from dbx.errors import RunFailed
 from dbx.protocols import DiversityEstimate, EpochState
 from dbx.train import throughput
@@ -191,7 +193,9 @@ def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, o
     The step back-propagates ``loss_scale * sum_i loss_i``, with ``loss_scale`` one over the
     logical batch's samples (or counted tokens: ``Task.units``), so the update is that of the
     batch's mean loss however it is split into micro-batches, and the estimator divides the same
-    ``loss_scale`` out. With ``clip``, the gradient's global norm is clipped to it after the
+    ``loss_scale`` out. Under torchrun each rank runs this on its slice of every batch, with
+    ``loss_scale`` over the whole global batch: DDP sums the ranks' gradients (``dbx.distributed``),
+    so the step is the same as in one process. With ``clip``, the gradient's global norm is clipped to it after the
     estimator has read the step (its statistic is of the unclipped per-sample gradients) and
     before the optimizer steps; under fp16 the gradients are unscaled first.
 
@@ -203,8 +207,10 @@ def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, o
     tally = EpochTally(parts.task, parts.device)
     gradients = GradientScales(parts.device)
     steps = skipped = 0
-    for inputs, targets in parts.train_loader:
-        units = parts.task.units(targets)
+    loader = parts.train_loader
+    for inputs, targets in loader:
+        batch = loader.global_batch(steps)  # every rank's share of the step together
+        units = global_units(parts.task.units(targets), inputs.shape[0], batch)
         gradient = gradients.of(units)  # the step's loss is the mean over the logical batch
         loss_scale = 1.0 / units if isinstance(units, int) else gradient
         if graphs is not None and not graphs.failed:
@@ -217,7 +223,7 @@ def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, o
         grad_scale = _scale_on_device(scaler, parts.device) if scaler is not None and estimator is not None else 1.0
         loss, predictions, chunk_targets = forward_backward(
             parts, inputs, targets, max_micro_batch, gradient, estimator, loss_scale * grad_scale)
-        if skip_nonfinite and not torch.isfinite(loss).item():
+        if skip_nonfinite and not torch.isfinite(sum_across_ranks(loss.clone())).item():  # all ranks agree
             parts.optimizer.zero_grad(set_to_none=True)
             if estimator is not None:  # drops the step's non-finite norms; no gradients to add
                 estimator.on_step(loss_scale * grad_scale)
@@ -226,7 +232,7 @@ def train_one_epoch(parts: Parts, max_micro_batch: int | None, estimator: Any, o
             if estimator is not None:
                 estimator.on_step(loss_scale * grad_scale)
             norm = update(parts, params, clip)
-            tally.add(loss, units, inputs.shape[0], predictions, chunk_targets, norm)
+            tally.add(loss, units, batch, predictions, chunk_targets, norm)
         steps += 1
         on_step()
     return tally.finish(steps, skipped, clipped=clip is not None)
@@ -247,19 +253,22 @@ def forward_backward(parts: Parts, inputs: torch.Tensor, targets: torch.Tensor, 
     else:
         chunks = [(inputs, targets)]
     losses, predictions, chunk_targets = [], [], []
-    # compile: true compiles plain steps only: the estimator's hooks need the eager model
-    model = parts.compiled if parts.compiled is not None and estimator is None else parts.model
-    for x, y in chunks:
-        if parts.amp_dtype is None:  # an autocast that is off still costs its enter and exit every step
-            outputs = model(x)
-        else:
-            with parts.autocast():
-                outputs = model(x)
-        loss = task.loss_fn(outputs.float(), y, reduction="sum")
-        if parts.scaler is not None:
-            parts.scaler.scale(loss * gradient).backward()
-        else:
-            loss.backward(gradient)
+    net = parts.net if parts.net is not None else parts.model  # the model in DDP under torchrun
+    if parts.compiled is not None and estimator is None:  # compile: true compiles plain steps only (one process)
+        net = parts.compiled
+    last = len(chunks) - 1
+    for chunk, (x, y) in enumerate(chunks):
+        with accumulating(net, more_chunks=chunk < last):  # DDP all-reduces at the last micro-batch only
+            if parts.amp_dtype is None:  # an autocast that is off still costs its enter and exit every step
+                outputs = net(x)
+            else:
+                with parts.autocast():
+                    outputs = net(x)
+            loss = task.loss_fn(outputs.float(), y, reduction="sum")
+            if parts.scaler is not None:
+                parts.scaler.scale(loss * gradient).backward()
+            else:
+                loss.backward(gradient)
         if estimator is not None:
             estimator.on_backward(estimator_scale)
         losses.append(loss.detach())
@@ -319,7 +328,8 @@ class GradientScales:
 @torch.no_grad()
 def evaluate(parts: Parts) -> tuple[float, float | None, float | None]:
     """Mean loss, accuracy and token cross-entropy (sequence tasks; else None) on the test split,
-    in eval mode. Means are per sample, or per counted token for sequences."""
+    in eval mode. Means are per sample, or per counted token for sequences. Under torchrun each rank
+    evaluates its slice of each batch and the sums are added over the ranks."""
     model, task = parts.model, parts.task
     model.eval()
     loss_sum = torch.zeros((), device=parts.device)
@@ -336,10 +346,13 @@ def evaluate(parts: Parts) -> tuple[float, float | None, float | None]:
         if task.has_accuracy:
             correct += task.correct(outputs, targets)
         units = units + task.units(targets)
-    count = max(float(units), 1.0)
-    accuracy = correct.item() / count if task.has_accuracy else None
-    nll = nll_sum.item() / count if task.kind == "sequence" else None
-    return loss_sum.item() / count, accuracy, nll
+    units = torch.as_tensor(units, dtype=torch.float64, device=parts.device)
+    sums = sum_across_ranks(torch.stack([loss_sum.double(), nll_sum.double(), correct.double(), units]))
+    total_loss, total_nll, total_correct, total_units = sums.tolist()
+    count = max(total_units, 1.0)
+    accuracy = total_correct / count if task.has_accuracy else None
+    nll = total_nll / count if task.kind == "sequence" else None
+    return total_loss / count, accuracy, nll
 
 
 def summarize(spec: Any, state: RunState) -> Summary:
@@ -397,10 +410,14 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _batch_line(spec: Any, batch_size: int, lr: float, when: str) -> str:
-    micro = spec.max_micro_batch
-    chunks = -(-batch_size // micro) if micro else 1
-    accumulation = f", {chunks} micro-batches of <= {micro}" if chunks > 1 else ""
-    return f"[{when}] batch size {batch_size}{accumulation}, lr {lr:.4g}"
+    from dbx.distributed import world_size
+
+    micro, ranks = spec.max_micro_batch, world_size()
+    share = -(-batch_size // ranks)  # the largest rank's slice (the batch itself in one process)
+    chunks = -(-share // micro) if micro else 1
+    spread = f" ({share} per rank on {ranks})" if ranks > 1 else ""
+    accumulation = f", {chunks} micro-batches of <= {micro}" + (" per rank" if ranks > 1 else "") if chunks > 1 else ""
+    return f"[{when}] batch size {batch_size}{spread}{accumulation}, lr {lr:.4g}"
 
 
 def _epoch_line(spec: Any, m: dict[str, float], epoch: int) -> str:

@@ -35,6 +35,7 @@ class Parts:
     scaler: Any = None  # torch.amp.GradScaler for fp16
     lr_scaling: str = "none"  # the spec's rule, with ``auto`` resolved for this optimizer
     compiled: Any = None  # compile: true: the model as plain training steps call it (dbx.train.compile)
+    net: Any = None  # what the training step calls: ``model`` in DDP under torchrun, else ``model`` itself
 
     @property
     def loss_fn(self) -> Callable[..., torch.Tensor]:
@@ -47,7 +48,11 @@ class Parts:
 
 
 def build_parts(spec: Any, device: torch.device) -> Parts:
-    """Construct every part of a run on ``device``, seeded by ``spec.seed``."""
+    """Construct every part of a run on ``device``, seeded by ``spec.seed``. Under torchrun each
+    rank builds the same parts and loads its slice of each batch (``dbx.distributed``)."""
+    from dbx.distributed import rank, world_size
+    from dbx.distributed.ddp import distributed_parts
+
     torch.manual_seed(spec.seed)
     data = registry.build("dataset", spec.data.name, spec.data.params,
                           root=resolve_root(spec.data.root), seed=spec.seed)
@@ -57,8 +62,9 @@ def build_parts(spec: Any, device: torch.device) -> Parts:
         data = take_subset(data, spec.data.subset, seed=0)  # the same subset for every seed of a sweep
     model = registry.build("model", spec.model.name, spec.model.params,
                            num_classes=data.num_classes, input_shape=tuple(data.input_shape)).to(device)
+    shards = {"rank": rank(), "world_size": world_size()}
     train_loader = make_loader(data.train, batch_size=1, shuffle=True, device=device, seed=spec.seed,
-                               augment=data.augment)
+                               augment=data.augment, **shards)
     policy = registry.build("policy", spec.policy.name, spec.policy.params,
                             dataset_size=train_loader.num_samples, seed=spec.seed)
     estimator = None
@@ -69,7 +75,7 @@ def build_parts(spec: Any, device: torch.device) -> Parts:
         estimator.attach(model)
         estimator.detach()
     test_loader = make_loader(data.test, batch_size=spec.eval_batch_size, shuffle=False, device=device,
-                              seed=spec.seed)
+                              seed=spec.seed, **shards)
     optimizer = build_optimizer(spec.optimizer, model)
     task = build_task(spec.loss, data)
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.amp]
@@ -80,9 +86,13 @@ def build_parts(spec: Any, device: torch.device) -> Parts:
         raise UserError(f"cuda_graphs: true needs a CUDA device, and this run is on {device}. "
                         f"Use cuda_graphs: false (or compile: true, which works on the CPU).")
     scaler = torch.amp.GradScaler(device.type) if spec.amp == "fp16" else None
+    if (spec.compile or spec.cuda_graphs) and world_size() > 1:
+        raise UserError("compile: true and cuda_graphs: true are for one process; under torchrun (--nproc) set "
+                        "them to false")
     compiled = compile_for_training(model) if spec.compile else None
-    return Parts(data, model, optimizer, policy, estimator, train_loader, test_loader, task, device, amp_dtype,
-                 scaler, resolve_lr_scaling(spec.lr_scaling, optimizer), compiled)
+    parts = Parts(data, model, optimizer, policy, estimator, train_loader, test_loader, task, device, amp_dtype,
+                  scaler, resolve_lr_scaling(spec.lr_scaling, optimizer), compiled)
+    return distributed_parts(parts, sync_batchnorm=spec.model.sync_batchnorm)
 
 
 def build_optimizer(optimizer_spec: Any, model: torch.nn.Module) -> torch.optim.Optimizer:

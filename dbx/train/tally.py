@@ -6,7 +6,9 @@ tally does no arithmetic per step at all: it keeps each step's loss (a 0-d tenso
 predicted classes (one ``argmax``: the only per-step work that train accuracy costs) with the
 targets they are compared with, and the gradient norm when clipping, in Python lists. At the end
 of the epoch it stacks them, sums them in float64, finds the first step whose loss was not
-finite, counts the correct predictions, and reads everything back in one transfer.
+finite, counts the correct predictions, and reads everything back in one transfer. Under torchrun
+the losses and correct counts are this rank's and are summed over the ranks then (one all-reduce);
+the units and samples passed to ``add`` are the global batch's already.
 
 Memory: one 0-d tensor per step and one integer prediction per sample (per token for sequence
 tasks) until the epoch ends, far less than the data the epoch has gone through.
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dbx.distributed import sum_across_ranks
 from dbx.train.tasks import Task
 
 __all__ = ["EpochTally", "TrainedEpoch"]
@@ -79,7 +82,8 @@ class EpochTally:
         if self.device_units:
             units = units + torch.stack(self.device_units).sum()
         norm = torch.stack(self.norms).double().sum() if self.norms else zero
-        totals = torch.stack([losses.sum(), correct, norm, units, first_bad])
+        shared = sum_across_ranks(torch.stack([losses.sum(), correct]))  # under torchrun: every rank's share
+        totals = torch.stack([shared[0], shared[1], norm, units, first_bad])
         total_loss, total_correct, total_norm, total_units, bad = totals.tolist()
         total_units = max(total_units, 1.0)
         return TrainedEpoch(
