@@ -234,3 +234,29 @@ def test_the_cuda_paths_grouped_layers_are_checked_too(monkeypatch):
     monkeypatch.setattr(grouped, "grouped_sq_norms", lambda *a, **k: norms(*a, **k) * 1.05)  # a 5% error
     with pytest.raises(UserError, match=r"module '0' \(Conv2d\) from the fused weight-gradient path differ"):
         grouped_step(model, x, y)
+
+
+class CalledTwice(nn.Module):
+    """One attention or recurrent module applied twice in a forward (weights shared across depth)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block, self.head = block, nn.Linear(8, 3)
+
+    def forward(self, x):
+        for _ in range(2):
+            x = self.block(x, x, x)[0] if isinstance(self.block, nn.MultiheadAttention) else self.block(x)[0]
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("block", [nn.MultiheadAttention(8, 2, batch_first=True), nn.LSTM(8, 8, batch_first=True)],
+                         ids=["attention", "lstm"])
+def test_an_attention_or_recurrent_module_called_twice_is_sent_to_the_fallback_by_name(block):
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 5, 8), torch.randint(0, 3, (4,))
+    with pytest.raises(UserError, match=r"'block' is called more than once in one forward.*fallback_force: \['block'\]"):
+        one_step(CalledTwice(block), x, y)
+    model = CalledTwice(block)
+    forced = per_sample_sq_norms(model, F.cross_entropy, x, y, fallback_force=["block"])  # the way out
+    reference = per_sample_sq_norms(model, F.cross_entropy, x, y, method="func")
+    torch.testing.assert_close(forced.total, reference.total, rtol=1e-4, atol=1e-7)

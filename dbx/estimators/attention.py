@@ -54,7 +54,7 @@ def install(hooks: Any, layer: Any) -> _Installed:
 def _forward(hooks: Any, layer: Any, module: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
              key_padding_mask: Tensor | None = None, need_weights: bool = True, attn_mask: Tensor | None = None,
              average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
-    from dbx.estimators.hooks import ROOT, EstimatorConfigError, _transforms_active, display
+    from dbx.estimators.hooks import ROOT, EstimatorConfigError, _transforms_active, claim_the_only_call, display
 
     if not (hooks.enabled and torch.is_grad_enabled()) or _transforms_active():
         return nn.MultiheadAttention.forward(module, query, key, value, key_padding_mask, need_weights, attn_mask,
@@ -65,16 +65,7 @@ def _forward(hooks: Any, layer: Any, module: nn.MultiheadAttention, query: Tenso
             f"its query is {'nested' if query.is_nested else f'unbatched (shape {tuple(query.shape)})'}. Leave it "
             f"out with estimator.params.exclude: [{layer.path or ROOT!r}], or use the 'subsampled' estimator."
         )
-    if layer.calls:
-
-        raise EstimatorConfigError(
-            f"estimator {hooks.estimator!r}: the MultiheadAttention {display(layer.path)!r} is called more than once "
-            f"in one forward; its per-sample gradient is the sum over the calls, which the generic fallback "
-            f"computes: set estimator.params.fallback_force: [{layer.path or ROOT!r}]."
-        )
-    hooks._touched.append(layer)
-    layer.calls += 1
-    layer.fired = True
+    claim_the_only_call(hooks, layer, "MultiheadAttention")
     if not module.batch_first:  # work batch-first: projections and their gradients contiguous per sample
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
     batch, length, embed = query.shape

@@ -56,6 +56,21 @@ class EstimatorConfigError(UserError):
     """The model cannot be measured by this estimator as configured (what, where, how to fix)."""
 
 
+def claim_the_only_call(hooks: Any, layer: Any, what: str) -> None:
+    """Mark ``layer`` as called in this forward; a second call is an error.
+
+    The attention and recurrent rules measure one call per forward; a module called twice has a
+    per-sample gradient summed over its calls, which only the generic fallback computes."""
+    if layer.calls:
+        raise EstimatorConfigError(
+            f"estimator {hooks.estimator!r}: the {what} {display(layer.path)!r} is called more than once in one "
+            f"forward; its per-sample gradient is the sum over the calls, which the generic fallback computes: "
+            f"set estimator.params.fallback_force: [{layer.path or ROOT!r}].")
+    hooks._touched.append(layer)
+    layer.calls += 1
+    layer.fired = True
+
+
 def display(path: str) -> str:
     return path if path else "(the model itself)"
 

@@ -56,7 +56,7 @@ def install(hooks: Any, layer: Any) -> _Installed:
 
 
 def _forward(hooks: Any, layer: Any, module: nn.RNNBase, original: Any, input: Any, hx: Any = None) -> Any:
-    from dbx.estimators.hooks import ROOT, EstimatorConfigError, _transforms_active, display
+    from dbx.estimators.hooks import ROOT, EstimatorConfigError, _transforms_active, claim_the_only_call, display
 
     if not (hooks.enabled and torch.is_grad_enabled()) or _transforms_active():
         return original(module, input, hx)
@@ -68,16 +68,7 @@ def _forward(hooks: Any, layer: Any, module: nn.RNNBase, original: Any, input: A
             f"sample: its input is {what}. Leave it out with estimator.params.exclude: [{layer.path or ROOT!r}], or "
             f"use the 'subsampled' estimator."
         )
-    if layer.calls:
-
-        raise EstimatorConfigError(
-            f"estimator {hooks.estimator!r}: the {type(module).__name__} {display(layer.path)!r} is called more than "
-            f"once in one forward; its per-sample gradient is the sum over the calls, which the generic fallback "
-            f"computes: set estimator.params.fallback_force: [{layer.path or ROOT!r}]."
-        )
-    hooks._touched.append(layer)
-    layer.calls += 1
-    layer.fired = True
+    claim_the_only_call(hooks, layer, type(module).__name__)
     lstm, gru = isinstance(module, nn.LSTM), isinstance(module, nn.GRU)
     x = input if module.batch_first else input.transpose(0, 1)  # (B, T, F)
     batch, steps = x.shape[0], x.shape[1]
